@@ -1,0 +1,66 @@
+# Every target does its own set-up: the virtualenv (and buf, for lint) are
+# created on first use and refreshed when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+BUF := node_modules/.bin/buf
+PYTEST_ARGS ?=
+
+.PHONY: help venv test test-fast proto proto-check lint fmt demo bench up clean
+
+help:
+	@echo "make demo   - run the whole stack and generate an image end to end"
+	@echo "make test   - run the full test suite (real PostgreSQL, real gRPC servers)"
+	@echo "make lint   - buf lint, ruff, mypy, stale generated code check"
+	@echo "make proto  - regenerate Python code and typed stubs from protos/"
+	@echo "make bench  - benchmarks (QUICK=1 for a short run)"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+proto: $(STAMP)
+	$(PY) scripts/generate_protos.py
+
+# Regenerate and fail when the checked-in code differs from protos/.
+proto-check: proto
+	@git add -N services/generated
+	@git diff --exit-code --stat -- services/generated \
+		|| (echo "generated code is stale: run 'make proto' and commit" && exit 1)
+
+lint: $(STAMP) $(BUF) proto-check
+	$(BUF) lint
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy services gateway
+
+fmt: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+demo: $(STAMP)
+	$(PY) -m services.demo
+
+bench: $(STAMP)
+	$(PY) -m bench $(if $(QUICK),--quick,)
+
+up: $(STAMP)
+	$(PY) -m services.demo --serve
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .lockn

@@ -1,0 +1,1 @@
+"""LockN Gen: a durable gRPC job queue in front of ComfyUI."""

@@ -1,0 +1,98 @@
+"""`lockn-gen`: the one command that starts each process and drives the service.
+
+Each subcommand imports its process lazily, so `lockn-gen migrate` does not
+pay for the gateway's imports. A bad setting or an unreachable database ends
+the process with exit status 2 and one line naming the cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from services.database import DatabaseUnreachable, connect, migrate
+from services.log import configure_logging
+from services.settings import Settings, SettingsError, load_settings
+
+# subcommand -> (module, function taking (settings, args), help)
+PROCESSES: dict[str, tuple[str, str, str]] = {
+    "generation-service": ("services.generation.server", "serve", "run GenerationService"),
+    "comfy-worker": ("services.comfy_worker.server", "serve", "run a ComfyWorker"),
+    "gateway": ("gateway.server", "serve", "run the HTTP/JSON gateway"),
+}
+
+
+async def _migrate(settings: Settings, args: argparse.Namespace) -> None:
+    applied = await migrate(settings.database_dsn)
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+
+
+async def _check_database(settings: Settings, args: argparse.Namespace) -> None:
+    await (await connect(settings.database_dsn)).close()
+    print("database reachable")
+
+
+def _lazy(module: str, function: str) -> Callable[[Settings, argparse.Namespace], Any]:
+    def run(settings: Settings, args: argparse.Namespace) -> Any:
+        return getattr(importlib.import_module(module), function)(settings, args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lockn-gen", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, function, help_text) in PROCESSES.items():
+        sub = commands.add_parser(name, help=help_text)
+        sub.set_defaults(run=_lazy(module, function))
+    sub = commands.add_parser("migrate", help="apply database migrations")
+    sub.set_defaults(run=_migrate)
+    sub = commands.add_parser("check-database", help="check that DATABASE_URL answers")
+    sub.set_defaults(run=_check_database)
+    _add_simulator(commands)
+    _add_extensions(commands)
+    return parser
+
+
+def _add_simulator(commands: Any) -> None:
+    sub = commands.add_parser("simulate-comfyui", help="run the ComfyUI simulator")
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=8188)
+    sub.add_argument("--step-seconds", type=float, default=0.05, help="time per sampler step")
+    sub.set_defaults(run=_lazy("services.simulator.server", "serve"))
+
+
+def _add_extensions(commands: Any) -> None:
+    """Client subcommands (generate, list, ..., demo) register themselves here."""
+    for module in ("services.client_cli", "services.demo"):
+        try:
+            register = importlib.import_module(module).register
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+            continue
+        register(commands)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        result = args.run(settings, args)
+        if isinstance(result, Coroutine):
+            asyncio.run(result)
+    except (SettingsError, DatabaseUnreachable) as error:
+        print(f"lockn-gen: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

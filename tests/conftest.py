@@ -1,0 +1,103 @@
+"""Fixtures shared by every suite: a real PostgreSQL and real gRPC servers.
+
+PostgreSQL: `LOCKN_TEST_DATABASE_URL` (a server where we may create
+databases), else the one on 127.0.0.1:5432 when it answers, else a throwaway
+server started from the installed binaries (set `LOCKN_TEST_EMBEDDED_PG=1` to
+force that). Each run migrates its own template database, and each test gets
+a fresh copy of it, so no test sees another's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from services.database import migrate
+from services.embedded_postgres import EmbeddedPostgres
+
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+async def _answers(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+def with_database(dsn: str, name: str) -> str:
+    base, _, _ = dsn.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """DSN of a server where the suite may create and drop databases."""
+    configured = os.environ.get("LOCKN_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    forced = os.environ.get("LOCKN_TEST_EMBEDDED_PG") == "1"
+    if not forced and asyncio.run(_answers(LOCAL_SERVER)):
+        yield LOCAL_SERVER
+        return
+    root = Path(tempfile.mkdtemp(prefix="lockn-test-pg-"))
+    server = EmbeddedPostgres(root)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _admin(server: str, *statements: str) -> None:
+    conn = await asyncpg.connect(server)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def template_database(postgres_server: str) -> Iterator[str]:
+    """Name of this run's migrated template database."""
+    name = f"lockn_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(postgres_server, f'CREATE DATABASE "{name}"'))
+    asyncio.run(migrate(with_database(postgres_server, name)))
+    try:
+        yield name
+    finally:
+        asyncio.run(_admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def database_url(postgres_server: str, template_database: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"{template_database}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(
+        _admin(postgres_server, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    )
+    try:
+        yield with_database(postgres_server, name)
+    finally:
+        asyncio.run(_admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
