@@ -23,6 +23,14 @@ import pytest
 from services.database import migrate
 from services.embedded_postgres import EmbeddedPostgres
 
+# Each part's fixtures live in their own module, named for the part.
+pytest_plugins = [
+    "tests.fixtures.simulator",
+    "tests.fixtures.worker",
+    "tests.fixtures.generation",
+    "tests.fixtures.gateway",
+]
+
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
