@@ -1,0 +1,1 @@
+"""The HTTP/JSON + server-sent-events front door, a client of GenerationService."""

@@ -1,0 +1,1 @@
+"""GenerationService: the PostgreSQL queue, dispatch to ComfyWorkers, status streams and the image store."""

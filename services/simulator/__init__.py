@@ -1,0 +1,1 @@
+"""A ComfyUI simulator faithful to the recorded API, with knobs for latency and faults."""
