@@ -61,15 +61,26 @@ class EmbeddedPostgres:
             for path in [self.root, *self.root.rglob("*")]:
                 os.chown(path, user.pw_uid, user.pw_gid)
         if not (self.data / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data), "-U", SERVER_USER, "-A", "trust", "-E", "UTF8")
+            self._run(
+                "initdb", "-D", str(self.data), "-U", SERVER_USER, "-A", "trust", "-E", "UTF8"
+            )
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             " -c max_connections=300"
         )
         self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
-            "-o", options, "-w", "-t", "60", "start",
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
         self._wait_ready()
         return self.dsn

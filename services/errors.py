@@ -181,7 +181,9 @@ def from_rpc_error(error: grpc.RpcError) -> LocknError:
             retry_after = retry.retry_delay.ToMilliseconds() / 1000
     cls = _BY_CODE.get(code, LocknError)
     if cls is InvalidArgument:
-        return InvalidArgument(violations or [("", message or "")], reason=reason, metadata=metadata)
+        return InvalidArgument(
+            violations or [("", message or "")], reason=reason, metadata=metadata
+        )
     if cls is ResourceExhausted:
         return ResourceExhausted(
             message or "", retry_after_seconds=retry_after, reason=reason, metadata=metadata

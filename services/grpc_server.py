@@ -76,7 +76,7 @@ class Authenticator:
         raise Unauthenticated("a valid bearer token is required")
 
 
-class _Interceptor(grpc.aio.ServerInterceptor):
+class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticates the call and maps exceptions, for every method not open to probes."""
 
     def __init__(self, authenticator: Authenticator) -> None:

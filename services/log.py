@@ -48,4 +48,6 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
 
 
 def get_logger(**context: Any) -> Any:
-    return structlog.get_logger().bind(**context)
+    # Stays lazy: binding through the proxy now would freeze the configuration
+    # in force at import time, before configure_logging runs.
+    return structlog.get_logger(**context)

@@ -231,11 +231,13 @@ class _FileSource(PydanticBaseSettingsSource):
         try:
             text = path.read_text()
         except OSError as error:
-            raise SettingsError(CONFIG_FILE_VARIABLE, f"cannot read {path}: {error.strerror}")
+            raise SettingsError(
+                CONFIG_FILE_VARIABLE, f"cannot read {path}: {error.strerror}"
+            ) from None
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as error:
-            raise SettingsError(CONFIG_FILE_VARIABLE, f"{path} is not valid: {error}")
+            raise SettingsError(CONFIG_FILE_VARIABLE, f"{path} is not valid: {error}") from None
         if not isinstance(data, dict):
             raise SettingsError(CONFIG_FILE_VARIABLE, f"{path} must hold a mapping")
         return data

@@ -93,9 +93,18 @@ def template_database(postgres_server: str) -> Iterator[str]:
 def database_url(postgres_server: str, template_database: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
     name = f"{template_database}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(
-        _admin(postgres_server, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    )
+    asyncio.run(_admin(postgres_server, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
+    try:
+        yield with_database(postgres_server, name)
+    finally:
+        asyncio.run(_admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def empty_database(postgres_server: str) -> Iterator[str]:
+    """A database with no schema at all, for migration tests."""
+    name = f"lockn_empty_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(postgres_server, f'CREATE DATABASE "{name}"'))
     try:
         yield with_database(postgres_server, name)
     finally:

@@ -54,7 +54,12 @@ def test_environment_wins_over_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     ("variable", "value", "named", "why"),
     [
         ("LOCKN_COMFYUI__BASE_URL", "not a url", "LOCKN_COMFYUI__BASE_URL", "URL"),
-        ("LOCKN_COMFYUI__TIMEOUT_SECONDS", "-5", "LOCKN_COMFYUI__TIMEOUT_SECONDS", "greater than 0"),
+        (
+            "LOCKN_COMFYUI__TIMEOUT_SECONDS",
+            "-5",
+            "LOCKN_COMFYUI__TIMEOUT_SECONDS",
+            "greater than 0",
+        ),
         ("DATABASE_URL", "mysql://x", "LOCKN_DATABASE_URL", "postgresql://"),
         ("LOCKN_GENERATION_LISTEN", "nowhere", "LOCKN_GENERATION_LISTEN", "host:port"),
         ("LOCKN_LOG_LEVEL", "loud", "LOCKN_LOG_LEVEL", "debug"),
