@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import grpc
+
 from services.database import DatabaseUnreachable, connect, migrate
 from services.log import configure_logging
 from services.settings import Settings, SettingsError, load_settings
@@ -36,6 +38,22 @@ async def _check_database(settings: Settings, args: argparse.Namespace) -> None:
     print("database reachable")
 
 
+async def _probe(settings: Settings, args: argparse.Namespace) -> None:
+    """Exit 0 when the gRPC health service at --address says SERVING (container healthchecks)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.grpc_server import open_channel
+
+    async with open_channel(args.address, tls=settings.tls) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+        )
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise SystemExit(1)
+
+
 def _lazy(module: str, function: str) -> Callable[[Settings, argparse.Namespace], Any]:
     def run(settings: Settings, args: argparse.Namespace) -> Any:
         return getattr(importlib.import_module(module), function)(settings, args)
@@ -53,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_migrate)
     sub = commands.add_parser("check-database", help="check that DATABASE_URL answers")
     sub.set_defaults(run=_check_database)
+    sub = commands.add_parser("probe", help="check a service's gRPC health (exit 0 if SERVING)")
+    sub.add_argument("--address", required=True, help="host:port of the service")
+    sub.add_argument("--service", default="", help="service name; empty for the server overall")
+    sub.add_argument("--timeout", type=float, default=3.0)
+    sub.set_defaults(run=_probe)
     _add_simulator(commands)
     _add_extensions(commands)
     return parser
@@ -91,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except grpc.RpcError as error:
+        print(f"lockn-gen: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 2
     return 0
 
 
