@@ -1,0 +1,176 @@
+"""A LockN Gen stack on this machine, one OS process per part.
+
+The demo, the benchmarks and the fault-injection tests all need the same
+thing: start the simulator, workers, GenerationService replicas and the
+gateway as real processes (so they can be measured and SIGKILLed), wait until
+each answers its health check, and never leave one behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.embedded_postgres import free_port
+from services.grpc_server import open_channel
+
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class Part:
+    name: str
+    process: subprocess.Popen[bytes]
+    address: str
+    # HTTP path that answers 200 when ready; empty for a gRPC part (health service).
+    ready_path: str = ""
+
+
+@dataclass
+class LocalStack:
+    """Child processes, stopped in reverse order of start; logs go to `logs/<name>.log`."""
+
+    logs: Path
+    base_env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    parts: dict[str, Part] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        address: str = "",
+        ready_path: str = "",
+    ) -> Part:
+        log = (self.logs / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        part = Part(name, process, address, ready_path)
+        self.parts[name] = part
+        return part
+
+    def env(self, **settings: str) -> dict[str, str]:
+        """The inherited environment with LockN settings replaced by `settings`."""
+        env = {k: v for k, v in self.base_env.items() if k != "DATABASE_URL"}
+        env.setdefault("LOCKN_LOG_FORMAT", "json")
+        env.update(settings)
+        return env
+
+    def start_simulator(self, step_seconds: float = 0.05, port: int = 0) -> Part:
+        port = port or free_port()
+        args = ["simulate-comfyui", "--port", str(port), "--step-seconds", str(step_seconds)]
+        return self.start(
+            "simulator", args, self.env(), f"http://127.0.0.1:{port}", "/system_stats"
+        )
+
+    def start_worker(self, name: str, comfy_url: str, **settings: str) -> Part:
+        port = free_port()
+        env = self.env(
+            LOCKN_COMFYUI__BASE_URL=comfy_url,
+            LOCKN_WORKER_LISTEN=f"127.0.0.1:{port}",
+            LOCKN_WORKER_METRICS_PORT="0",
+            **settings,
+        )
+        return self.start(name, ["comfy-worker"], env, f"127.0.0.1:{port}")
+
+    def start_generation(
+        self, name: str, database_url: str, workers: list[Part], **settings: str
+    ) -> Part:
+        port = free_port()
+        env = self.env(
+            LOCKN_DATABASE_URL=database_url,
+            LOCKN_GENERATION_LISTEN=f"127.0.0.1:{port}",
+            LOCKN_WORKERS=json.dumps([{"name": w.name, "address": w.address} for w in workers]),
+            LOCKN_GENERATION_METRICS_PORT="0",
+            **settings,
+        )
+        return self.start(name, ["generation-service"], env, f"127.0.0.1:{port}")
+
+    def start_gateway(self, generation: Part, **settings: str) -> Part:
+        port = free_port()
+        env = self.env(
+            LOCKN_GATEWAY_LISTEN=f"127.0.0.1:{port}",
+            LOCKN_GENERATION_ADDRESS=generation.address,
+            **settings,
+        )
+        return self.start("gateway", ["gateway"], env, f"http://127.0.0.1:{port}", "/readyz")
+
+    def check_alive(self) -> None:
+        for part in self.parts.values():
+            if part.process.poll() is not None:
+                raise RuntimeError(
+                    f"{part.name} exited ({part.process.returncode}); see {self.log_of(part)}"
+                )
+
+    def log_of(self, part: Part) -> Path:
+        return self.logs / f"{part.name}.log"
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        part = self.parts.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(part.process.pid, sig)
+        part.process.wait(15)
+
+    def stop(self) -> None:
+        parts = list(reversed(self.parts.values()))
+        for part in parts:
+            if part.process.poll() is None:
+                part.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for part in parts:
+            try:
+                part.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(part.process.pid, signal.SIGKILL)
+                part.process.wait()
+        self.parts.clear()
+
+    async def wait_serving(self, part: Part, timeout: float = START_TIMEOUT) -> None:
+        """Until the part's gRPC health says SERVING (or its HTTP readiness answers 200)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if await _ready(part):
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(
+            f"{part.name} was not ready within {timeout:.0f} s; see {self.log_of(part)}"
+        )
+
+
+async def _ready(part: Part) -> bool:
+    if part.ready_path:
+        with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            async with aiohttp.ClientSession() as session:
+                url = part.address + part.ready_path
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as reply:
+                    return reply.status == 200
+        return False
+    with contextlib.suppress(Exception):
+        async with open_channel(part.address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1
+            )
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    return False
