@@ -104,7 +104,8 @@ async def start_stack(stack: LocalStack, settings: Settings, dsn: str) -> tuple[
         simulator = stack.start_simulator()
         comfy_url = simulator.address
         say(
-            f"starting the ComfyUI simulator on {comfy_url} (set LOCKN_COMFYUI__BASE_URL to use yours)"
+            f"starting the ComfyUI simulator on {comfy_url}"
+            " (set LOCKN_COMFYUI__BASE_URL to use yours)"
         )
         await stack.wait_serving(simulator)
     worker = stack.start_worker("comfy-worker", comfy_url)
