@@ -7,16 +7,23 @@ server runs as the `postgres` user (via runuser) in a folder it owns.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import glob
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
+
 SERVER_USER = "postgres"
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def find_binaries() -> Path:
@@ -98,3 +105,36 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+def answers(dsn: str) -> bool:
+    """Whether a PostgreSQL server accepts a connection at `dsn` (within 3 s)."""
+
+    async def probe() -> bool:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=3)
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return False
+        await conn.close()
+        return True
+
+    return asyncio.run(probe())
+
+
+@contextlib.contextmanager
+def postgres_server(configured: str | None = None, *, embedded: bool = False) -> Iterator[str]:
+    """A server where databases may be created: `configured`, else the local one on
+    127.0.0.1:5432 when it answers (unless `embedded`), else a throwaway one."""
+    if configured:
+        yield configured
+        return
+    if not embedded and answers(LOCAL_SERVER):
+        yield LOCAL_SERVER
+        return
+    root = Path(tempfile.mkdtemp(prefix="lockn-pg-"))
+    server = EmbeddedPostgres(root)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

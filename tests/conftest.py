@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import asyncpg
 import pytest
 
+from services import embedded_postgres
 from services.database import migrate
-from services.embedded_postgres import EmbeddedPostgres
 
 # Each part's fixtures live in their own module, named for the part.
 pytest_plugins = [
@@ -30,17 +27,6 @@ pytest_plugins = [
     "tests.fixtures.generation",
     "tests.fixtures.gateway",
 ]
-
-LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-async def _answers(dsn: str) -> bool:
-    try:
-        conn = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        return False
-    await conn.close()
-    return True
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -51,21 +37,11 @@ def with_database(dsn: str, name: str) -> str:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """DSN of a server where the suite may create and drop databases."""
-    configured = os.environ.get("LOCKN_TEST_DATABASE_URL")
-    if configured:
-        yield configured
-        return
-    forced = os.environ.get("LOCKN_TEST_EMBEDDED_PG") == "1"
-    if not forced and asyncio.run(_answers(LOCAL_SERVER)):
-        yield LOCAL_SERVER
-        return
-    root = Path(tempfile.mkdtemp(prefix="lockn-test-pg-"))
-    server = EmbeddedPostgres(root)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with embedded_postgres.postgres_server(
+        os.environ.get("LOCKN_TEST_DATABASE_URL"),
+        embedded=os.environ.get("LOCKN_TEST_EMBEDDED_PG") == "1",
+    ) as dsn:
+        yield dsn
 
 
 async def _admin(server: str, *statements: str) -> None:

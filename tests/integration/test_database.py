@@ -4,15 +4,12 @@ throwaway-server fallback the suite and the demo rely on."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
-from pathlib import Path
 
 import asyncpg
 import pytest
 
 from services.database import DatabaseUnreachable, connect, migrate, migration_files, redact
-from services.embedded_postgres import EmbeddedPostgres
+from services.embedded_postgres import LOCAL_SERVER, postgres_server
 
 
 async def test_migrate_applies_every_file_once_and_then_nothing(empty_database: str) -> None:
@@ -56,15 +53,15 @@ def test_redact_leaves_a_url_without_password_alone() -> None:
     assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
 
 
-async def test_a_throwaway_server_starts_from_the_installed_binaries_and_migrates() -> None:
-    root = Path(tempfile.mkdtemp(prefix="lockn-test-embedded-"))
-    server = EmbeddedPostgres(root)
-    try:
-        dsn = await asyncio.to_thread(server.start)
+def test_a_throwaway_server_starts_from_the_installed_binaries_and_migrates() -> None:
+    async def migrate_and_count(dsn: str) -> int:
         assert await migrate(dsn) == [version for version, _ in migration_files()]
         conn = await asyncpg.connect(dsn)
-        assert await conn.fetchval("SELECT count(*) FROM generations") == 0
-        await conn.close()
-    finally:
-        await asyncio.to_thread(server.stop)
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM generations"))
+        finally:
+            await conn.close()
+
+    with postgres_server(embedded=True) as dsn:
+        assert dsn != LOCAL_SERVER
+        assert asyncio.run(migrate_and_count(dsn)) == 0
