@@ -45,6 +45,9 @@ proto-check: proto
 
 lint: $(STAMP) $(BUF) proto-check
 	$(BUF) lint
+	@# Contracts may only grow: compare with the previous commit when there is one.
+	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+		$(BUF) breaking --against '.git#ref=HEAD~1'; fi
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy services gateway
