@@ -1,0 +1,49 @@
+"""`make bench`: every scenario against the simulator and a real PostgreSQL.
+
+Prints a table and writes bench/results/latest.json. `--quick` runs a reduced
+version of each (well under two minutes); `--only NAME` runs one scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from bench.results import Report
+from bench.scenarios import SCENARIOS, Bench
+from services.embedded_postgres import postgres_server
+from services.log import configure_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--output", type=Path, default=None, help="where to write the JSON")
+    args = parser.parse_args(argv)
+    configure_logging("warning", "console")
+    report = Report(quick=args.quick)
+    failed = []
+    with postgres_server() as server, tempfile.TemporaryDirectory(prefix="lockn-bench-") as work:
+        bench = Bench(server, args.quick, Path(work), report)
+        for name in args.only or list(SCENARIOS):
+            print(f"--> {name}", flush=True)
+            try:
+                asyncio.run(SCENARIOS[name](bench))
+            except Exception:
+                traceback.print_exc()
+                failed.append(name)
+    report.print()
+    print(f"written: {report.write(args.output) if args.output else report.write()}")
+    if failed:
+        print(f"failed scenarios: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
