@@ -83,8 +83,8 @@ class LocalStack:
             "simulator", args, self.env(), f"http://127.0.0.1:{port}", "/system_stats"
         )
 
-    def start_worker(self, name: str, comfy_url: str, **settings: str) -> Part:
-        port = free_port()
+    def start_worker(self, name: str, comfy_url: str, port: int = 0, **settings: str) -> Part:
+        port = port or free_port()
         env = self.env(
             LOCKN_COMFYUI__BASE_URL=comfy_url,
             LOCKN_WORKER_LISTEN=f"127.0.0.1:{port}",
