@@ -1,1 +1,2 @@
-"""GenerationService: the PostgreSQL queue, dispatch to ComfyWorkers, status streams and the image store."""
+"""GenerationService: the PostgreSQL queue, dispatch to ComfyWorkers, status streams
+and the image store."""
