@@ -1,0 +1,30 @@
+"""`lockn-gen simulate-comfyui`: the simulator as a process, until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from aiohttp import web
+
+from services.log import get_logger
+from services.settings import Settings
+from services.simulator.app import SimulatorOptions, create_app
+
+log = get_logger(component="simulator")
+
+
+async def serve(settings: Settings, args: argparse.Namespace) -> None:
+    app = create_app(SimulatorOptions(step_seconds=args.step_seconds))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    log.info("simulator_started", url=f"http://{args.host}:{args.port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
