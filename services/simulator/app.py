@@ -520,6 +520,16 @@ def safe_path(root: Path, subfolder: str, name: str) -> Path:
 SIMULATOR_KEY = web.AppKey("simulator", Simulator)
 
 
+async def shutdown(runner: web.AppRunner) -> None:
+    """Stop listening, close the websockets, then clean up; otherwise aiohttp
+    waits its whole shutdown timeout for clients' sockets to close."""
+    for site in list(runner.sites):
+        await site.stop()
+    for app in [runner.app] if isinstance(runner.app, web.Application) else []:
+        await app[SIMULATOR_KEY].drop_websockets()
+    await runner.cleanup()
+
+
 def create_app(options: SimulatorOptions | None = None) -> web.Application:
     from services.simulator.routes import add_routes, middlewares
 

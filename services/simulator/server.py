@@ -10,7 +10,7 @@ from aiohttp import web
 
 from services.log import get_logger
 from services.settings import Settings
-from services.simulator.app import SimulatorOptions, create_app
+from services.simulator.app import SimulatorOptions, create_app, shutdown
 
 log = get_logger(component="simulator")
 
@@ -27,4 +27,4 @@ async def serve(settings: Settings, args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await runner.cleanup()
+    await shutdown(runner)

@@ -1,0 +1,277 @@
+"""Runs one job on ComfyUI and tells what happens, as ExecutionEvents.
+
+The prompt_id is derived from the job id, so a job sent again (the worker or
+the dispatcher restarted) finds the prompt it already queued and follows it
+instead of running it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from services.comfy_worker import classify
+from services.comfy_worker.comfyui import (
+    ComfyUIClient,
+    ComfyUIRejected,
+    ComfyUIUnreachable,
+    PromptRejected,
+    output_images,
+)
+from services.comfy_worker.tracker import HISTORY, LOST, PromptStream, Tracker
+from services.contracts import worker
+from services.errors import Reason
+from services.log import get_logger
+
+log = get_logger(component="executor")
+JsonDict = dict[str, Any]
+PROMPT_NAMESPACE = uuid.UUID("0b4c61f2-2f57-4d0e-a0b4-5c1a2d9b7e11")
+IMAGE_LOADERS = {"LoadImage", "LoadImageMask"}
+CHUNK_BYTES = 1 << 20
+Event = worker.ExecutionEvent
+
+
+def prompt_id_for(job_id: str) -> str:
+    """The ComfyUI prompt_id of a job: the same job always gets the same one."""
+    return str(uuid.uuid5(PROMPT_NAMESPACE, job_id))
+
+
+class Executor:
+    def __init__(self, client: ComfyUIClient, tracker: Tracker, default_timeout: float) -> None:
+        self.client = client
+        self.tracker = tracker
+        self.default_timeout = default_timeout
+        self.in_flight: set[str] = set()
+        self._cancelled: set[str] = set()
+
+    async def execute(self, request: worker.ExecuteRequest) -> AsyncIterator[Event]:
+        prompt_id = prompt_id_for(request.job_id)
+        log.info("job_received", job_id=request.job_id, prompt_id=prompt_id)
+        with self.tracker.follow(prompt_id) as stream:
+            try:
+                position = await self._known_position(prompt_id)
+                if position is None:
+                    graph = await self._with_inputs(request, prompt_id)
+                    accepted = await self.client.queue_prompt(
+                        graph, self.tracker.client_id, prompt_id
+                    )
+                    position = (await self.client.queue()).position(prompt_id) or 0
+                    number = accepted.number
+                else:
+                    # Queued before (this job was sent again): follow, never re-run.
+                    number = -1
+                    await self.tracker.reconcile(prompt_id)
+            except PromptRejected as rejected:
+                yield _event(failed=classify.rejected_prompt(prompt_id, rejected.body))
+                return
+            except ComfyUIUnreachable as error:
+                yield _event(failed=_unreachable(prompt_id, error))
+                return
+            except (ComfyUIRejected, ValueError) as error:
+                yield _event(failed=classify.failed(prompt_id, Reason.INVALID_WORKFLOW, str(error)))
+                return
+            yield _event(
+                accepted=worker.Accepted(
+                    prompt_id=prompt_id, number=number, queue_position=position
+                )
+            )
+            async for event in self._follow(stream, request.timeout_seconds):
+                yield event
+
+    async def attach(self, request: worker.AttachRequest) -> AsyncIterator[Event]:
+        prompt_id = request.prompt_id
+        with self.tracker.follow(prompt_id) as stream:
+            try:
+                await self.tracker.reconcile(prompt_id)
+            except ComfyUIUnreachable as error:
+                yield _event(failed=_unreachable(prompt_id, error))
+                return
+            async for event in self._follow(stream, request.timeout_seconds):
+                yield event
+
+    async def cancel(self, prompt_id: str) -> worker.CancelOutcome.ValueType:
+        queue = await self.client.queue()
+        if prompt_id in queue.pending:
+            self._cancelled.add(prompt_id)
+            await self.client.delete([prompt_id])
+            # A deleted prompt sends nothing more: end its stream ourselves.
+            await self.tracker.reconcile(prompt_id)
+            return worker.CANCEL_OUTCOME_DELETED
+        if prompt_id in queue.running:
+            self._cancelled.add(prompt_id)
+            await self.client.interrupt(prompt_id)
+            return worker.CANCEL_OUTCOME_INTERRUPTED
+        return worker.CANCEL_OUTCOME_NOT_FOUND
+
+    # ----- following a prompt ------------------------------------------------------
+
+    async def _known_position(self, prompt_id: str) -> int | None:
+        """Where ComfyUI has this prompt already (queued or finished), else None."""
+        queue = await self.client.queue()
+        position = queue.position(prompt_id)
+        if position is not None:
+            return position
+        if await self.client.history(prompt_id) is not None:
+            return 0
+        return None
+
+    async def _follow(self, stream: PromptStream, timeout_seconds: int) -> AsyncIterator[Event]:
+        prompt_id = stream.prompt_id
+        timeout = float(timeout_seconds or self.default_timeout)
+        deadline = time.monotonic() + timeout
+        self.in_flight.add(prompt_id)
+        started = False
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        message = await stream.get()
+                except TimeoutError:
+                    yield _event(failed=await self._timed_out(prompt_id, timeout))
+                    return
+                kind, data = message["type"], message.get("data") or {}
+                if kind == "execution_start" and not started:
+                    started = True
+                    yield _event(started=worker.Started(prompt_id=prompt_id))
+                elif kind == "progress":
+                    if not started:
+                        started = True
+                        yield _event(started=worker.Started(prompt_id=prompt_id))
+                    yield _event(
+                        progress=worker.Progress(
+                            prompt_id=prompt_id,
+                            node_id=str(data.get("node", "")),
+                            value=int(data.get("value", 0)),
+                            max=int(data.get("max", 0)),
+                        )
+                    )
+                elif kind == "executing" and data.get("node") is None:
+                    # The only message after history is written: read the outcome there.
+                    await self._reconcile_until_known(prompt_id)
+                elif kind == LOST:
+                    yield _event(failed=self._lost(prompt_id))
+                    return
+                elif kind == HISTORY:
+                    async for event in self._finish(prompt_id, data):
+                        yield event
+                    return
+        except ComfyUIUnreachable as error:
+            yield _event(failed=_unreachable(prompt_id, error))
+        finally:
+            self.in_flight.discard(prompt_id)
+            self._cancelled.discard(prompt_id)
+
+    async def _reconcile_until_known(self, prompt_id: str) -> None:
+        # When ComfyUI does not answer, the tracker's own reconciliation finds it later.
+        with contextlib.suppress(ComfyUIUnreachable):
+            await self.tracker.reconcile(prompt_id)
+
+    def _lost(self, prompt_id: str) -> worker.Failed:
+        if prompt_id in self._cancelled:
+            return classify.failed(prompt_id, Reason.INTERRUPTED, "deleted from ComfyUI's queue")
+        return classify.failed(
+            prompt_id,
+            Reason.PROMPT_LOST,
+            "ComfyUI no longer knows this prompt (restarted?)",
+            retryable=True,
+        )
+
+    async def _timed_out(self, prompt_id: str, timeout: float) -> worker.Failed:
+        with contextlib.suppress(ComfyUIUnreachable, ComfyUIRejected):
+            await self.client.delete([prompt_id])
+            await self.client.interrupt(prompt_id)
+        return classify.failed(
+            prompt_id, Reason.TIMEOUT, f"no completion within {timeout:g} s; prompt cancelled"
+        )
+
+    async def _finish(self, prompt_id: str, entry: JsonDict) -> AsyncIterator[Event]:
+        failure = classify.from_history(prompt_id, entry)
+        if failure is not None:
+            if failure.reason == Reason.GPU_OUT_OF_MEMORY.value:
+                with contextlib.suppress(ComfyUIUnreachable, ComfyUIRejected):
+                    await self.client.free()
+            yield _event(failed=failure)
+            return
+        images = output_images(entry)
+        for index, image in enumerate(images):
+            content_type, size, chunks = await self.client.view(image, CHUNK_BYTES)
+            offset = 0
+            async for data in chunks:
+                yield _event(
+                    output=worker.OutputChunk(
+                        prompt_id=prompt_id,
+                        index=index,
+                        node_id=image.node_id,
+                        filename=image.filename,
+                        content_type=content_type,
+                        size_bytes=size,
+                        offset=offset,
+                        data=data,
+                    )
+                )
+                offset += len(data)
+            yield _event(
+                output=worker.OutputChunk(
+                    prompt_id=prompt_id,
+                    index=index,
+                    node_id=image.node_id,
+                    filename=image.filename,
+                    content_type=content_type,
+                    size_bytes=offset,
+                    offset=offset,
+                    last=True,
+                )
+            )
+        yield _event(
+            completed=worker.Completed(
+                prompt_id=prompt_id, output_count=len(images), cached=_all_cached(entry)
+            )
+        )
+
+    # ----- inputs ---------------------------------------------------------------------
+
+    async def _with_inputs(self, request: worker.ExecuteRequest, prompt_id: str) -> JsonDict:
+        """The graph, with each caller image uploaded and its loader pointed at it."""
+        graph = json.loads(request.graph_json)
+        if not isinstance(graph, dict):
+            raise ValueError("graph_json is not a JSON object")
+        uploaded: dict[str, str] = {}
+        for image in request.input_images:
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", image.name)
+            uploaded[image.name] = await self.client.upload_image(
+                f"lockn-{prompt_id[:8]}-{safe}", image.data
+            )
+        return _point_loaders(graph, uploaded) if uploaded else graph
+
+
+def _point_loaders(graph: JsonDict, uploaded: Mapping[str, str]) -> JsonDict:
+    for node in graph.values():
+        inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
+        if node.get("class_type") in IMAGE_LOADERS and inputs.get("image") in uploaded:
+            inputs["image"] = uploaded[inputs["image"]]
+    return graph
+
+
+def _all_cached(entry: JsonDict) -> bool:
+    prompt = entry.get("prompt") or []
+    graph = prompt[2] if len(prompt) > 2 and isinstance(prompt[2], dict) else {}
+    for kind, data in (entry.get("status") or {}).get("messages", []):
+        if kind == "execution_cached":
+            return bool(graph) and set(data.get("nodes", [])) >= set(graph)
+    return False
+
+
+def _unreachable(prompt_id: str, error: Exception) -> worker.Failed:
+    return classify.failed(
+        prompt_id, Reason.COMFYUI_UNREACHABLE, f"ComfyUI unreachable: {error}", retryable=True
+    )
+
+
+def _event(**kind: Any) -> Event:
+    return Event(**kind)

@@ -1,0 +1,108 @@
+"""`lockn-gen comfy-worker`: one ComfyWorker in front of one ComfyUI.
+
+Health follows ComfyUI: SERVING while /system_stats answers, NOT_SERVING
+(so GenerationService sends nothing) while it does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from services import metrics
+from services.comfy_worker.comfyui import ComfyUIClient, ComfyUIUnreachable
+from services.comfy_worker.executor import Executor
+from services.comfy_worker.servicer import ComfyWorkerServicer
+from services.comfy_worker.tracker import Tracker
+from services.contracts import worker_grpc
+from services.grpc_server import RunningServer, Service, serve_until_signalled, start_server
+from services.log import get_logger
+from services.settings import Settings
+
+log = get_logger(component="comfy_worker")
+SERVICE_NAME = "lockn.comfyworker.v1.ComfyWorkerService"
+HEALTH_INTERVAL = 2.0
+
+
+@dataclass
+class RunningWorker:
+    server: RunningServer
+    client: ComfyUIClient
+    tracker: Tracker
+    executor: Executor
+    monitor: asyncio.Task[None]
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace_seconds: float = 0.0) -> None:
+        self.monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.monitor
+        await self.server.stop(grace_seconds)
+        await self.tracker.stop()
+        await self.client.close()
+
+
+async def start_worker(settings: Settings, listen: str | None = None) -> RunningWorker:
+    comfy = settings.comfyui
+    client = ComfyUIClient(
+        str(comfy.base_url),
+        retry=settings.retry,
+        connections=max(8, 4 * comfy.max_concurrent_generations),
+    )
+    tracker = Tracker(client, poll_interval=comfy.poll_interval_ms / 1000)
+    executor = Executor(client, tracker, default_timeout=comfy.timeout_seconds)
+    token = settings.worker_token.get_secret_value() if settings.worker_token else None
+    server = await start_server(
+        listen or settings.worker_listen,
+        [
+            Service(
+                SERVICE_NAME,
+                ComfyWorkerServicer(client, executor),
+                worker_grpc.add_ComfyWorkerServiceServicer_to_server,
+            )
+        ],
+        # Only GenerationService's credential may run work here.
+        tokens={token: "generation-service"} if token else None,
+        tls=settings.tls,
+        max_message_bytes=settings.grpc_max_message_bytes,
+        serving=False,
+    )
+    tracker.start()
+    monitor = asyncio.create_task(_follow_comfyui(client, server), name="comfyui-health")
+    return RunningWorker(server, client, tracker, executor, monitor)
+
+
+async def _follow_comfyui(client: ComfyUIClient, server: RunningServer) -> None:
+    serving: bool | None = None
+    while True:
+        try:
+            await client.system_stats(retry=False)
+            up = True
+        except ComfyUIUnreachable as error:
+            up = False
+            if serving is not False:
+                log.warning("comfyui_unreachable", error=str(error))
+        except Exception as error:  # a malformed answer is as bad as none
+            up = False
+            log.warning("comfyui_unhealthy", error=str(error))
+        if up != serving:
+            serving = up
+            await server.set_serving(up)
+            metrics.COMFYUI_UP.set(1 if up else 0)
+            log.info("health_changed", serving=up)
+        await asyncio.sleep(HEALTH_INTERVAL if up else HEALTH_INTERVAL / 4)
+
+
+async def serve(settings: Settings, args: argparse.Namespace) -> None:
+    metrics.start_metrics_server(settings.worker_metrics_port)
+    running = await start_worker(settings)
+    log.info("worker_ready", port=running.port, comfyui=str(settings.comfyui.base_url))
+    try:
+        await serve_until_signalled(running.server, settings.shutdown_grace_seconds)
+    finally:
+        await running.stop()

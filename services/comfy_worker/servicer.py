@@ -1,0 +1,89 @@
+"""ComfyWorkerService over gRPC: a thin layer on the executor and the client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.comfy_worker.comfyui import ComfyUIClient, ComfyUIUnreachable
+from services.comfy_worker.executor import Executor
+from services.contracts import worker, worker_grpc
+from services.errors import InvalidArgument, Unavailable
+
+JOB_ID_MAX = 200
+
+
+class ComfyWorkerServicer(worker_grpc.ComfyWorkerServiceServicer):
+    def __init__(self, client: ComfyUIClient, executor: Executor) -> None:
+        self.client = client
+        self.executor = executor
+
+    async def Execute(
+        self, request: worker.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker.ExecuteResponse]:
+        if not request.job_id or len(request.job_id) > JOB_ID_MAX:
+            raise InvalidArgument.field("job_id", f"required, at most {JOB_ID_MAX} characters")
+        if not request.graph_json:
+            raise InvalidArgument.field("graph_json", "required")
+        async for event in self.executor.execute(request):
+            yield worker.ExecuteResponse(event=event)
+
+    async def Attach(
+        self, request: worker.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker.AttachResponse]:
+        if not request.prompt_id:
+            raise InvalidArgument.field("prompt_id", "required")
+        async for event in self.executor.attach(request):
+            yield worker.AttachResponse(event=event)
+
+    async def Cancel(
+        self, request: worker.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> worker.CancelResponse:
+        if not request.prompt_id:
+            raise InvalidArgument.field("prompt_id", "required")
+        try:
+            outcome = await self.executor.cancel(request.prompt_id)
+        except ComfyUIUnreachable as error:
+            raise Unavailable(str(error)) from error
+        return worker.CancelResponse(outcome=outcome)
+
+    async def GetSystemStats(
+        self, request: worker.GetSystemStatsRequest, context: grpc.aio.ServicerContext
+    ) -> worker.GetSystemStatsResponse:
+        try:
+            stats = await self.client.system_stats()
+            queue = await self.client.queue()
+        except ComfyUIUnreachable as error:
+            raise Unavailable(str(error)) from error
+        system = stats.get("system", {})
+        return worker.GetSystemStatsResponse(
+            comfyui_version=str(system.get("comfyui_version", "")),
+            pytorch_version=str(system.get("pytorch_version", "")),
+            python_version=str(system.get("python_version", "")),
+            devices=[
+                worker.Device(
+                    name=str(d.get("name", "")),
+                    type=str(d.get("type", "")),
+                    vram_total=int(d.get("vram_total", 0)),
+                    vram_free=int(d.get("vram_free", 0)),
+                    torch_vram_total=int(d.get("torch_vram_total", 0)),
+                    torch_vram_free=int(d.get("torch_vram_free", 0)),
+                )
+                for d in stats.get("devices", [])
+            ],
+            queue_running=len(queue.running),
+            queue_pending=len(queue.pending),
+            in_flight=len(self.executor.in_flight),
+        )
+
+    async def ListModels(
+        self, request: worker.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> worker.ListModelsResponse:
+        try:
+            models = await self.client.models()
+        except ComfyUIUnreachable as error:
+            raise Unavailable(str(error)) from error
+        return worker.ListModelsResponse(
+            models={kind: worker.ModelNames(names=names) for kind, names in models.items()}
+        )

@@ -1,0 +1,159 @@
+"""One /ws connection per worker, routing ComfyUI's messages to the prompts
+being followed, so completion is pushed, not polled.
+
+ComfyUI drops frames sent while a socket is down. So whenever the socket
+(re)opens, and every PollIntervalMs while none can be opened, each prompt
+being followed is reconciled with /history/{id} and /queue: a prompt that
+finished meanwhile gets its history entry, one ComfyUI no longer knows (a
+restart lost it) is reported lost. Nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+
+from services import metrics
+from services.comfy_worker.comfyui import ComfyUIClient, ComfyUIUnreachable
+from services.log import get_logger
+
+log = get_logger(component="comfyui_ws")
+JsonDict = dict[str, Any]
+# Synthetic messages the tracker adds to a prompt's stream.
+HISTORY = "lockn.history"  # data: the history entry (the prompt is finished)
+LOST = "lockn.lost"  # ComfyUI knows nothing of the prompt
+EARLY_PROMPTS = 256
+
+
+class PromptStream:
+    """The messages of one prompt, in the order ComfyUI sent them."""
+
+    def __init__(self, prompt_id: str) -> None:
+        self.prompt_id = prompt_id
+        self.messages: asyncio.Queue[JsonDict] = asyncio.Queue()
+
+    def put(self, kind: str, data: Any) -> None:
+        self.messages.put_nowait({"type": kind, "data": data})
+
+    async def get(self) -> JsonDict:
+        return await self.messages.get()
+
+
+class Tracker:
+    def __init__(
+        self,
+        client: ComfyUIClient,
+        *,
+        poll_interval: float = 2.0,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.client_id = f"lockn-{uuid.uuid4().hex}"
+        self.poll_interval = poll_interval
+        self.reconnect_max = reconnect_max
+        self.connected = asyncio.Event()
+        self._streams: dict[str, PromptStream] = {}
+        # Messages for prompts not followed yet (a stream opened after POST /prompt).
+        self._early: OrderedDict[str, list[JsonDict]] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="comfyui-websocket")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.contextmanager
+    def follow(self, prompt_id: str) -> Iterator[PromptStream]:
+        stream = PromptStream(prompt_id)
+        self._streams[prompt_id] = stream
+        for message in self._early.pop(prompt_id, []):
+            stream.messages.put_nowait(message)
+        try:
+            yield stream
+        finally:
+            if self._streams.get(prompt_id) is stream:
+                del self._streams[prompt_id]
+
+    @property
+    def followed(self) -> list[str]:
+        return list(self._streams)
+
+    async def reconcile(self, prompt_id: str) -> None:
+        """Ask ComfyUI where `prompt_id` is; finished or lost ends its stream."""
+        stream = self._streams.get(prompt_id)
+        if stream is None:
+            return
+        entry = await self.client.history(prompt_id)
+        if entry is None:
+            queue = await self.client.queue()
+            if queue.position(prompt_id) is not None:
+                return
+            # It may have finished between the two reads.
+            entry = await self.client.history(prompt_id)
+        if entry is not None:
+            stream.put(HISTORY, entry)
+        else:
+            stream.put(LOST, {"prompt_id": prompt_id})
+
+    async def reconcile_all(self) -> None:
+        for prompt_id in self.followed:
+            try:
+                await self.reconcile(prompt_id)
+            except ComfyUIUnreachable:
+                return
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._connect_and_read()
+                delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # any socket failure: reconnect, never give up
+                log.warning("comfyui_ws_down", error=str(error) or type(error).__name__)
+            self.connected.clear()
+            metrics.COMFYUI_WS_RECONNECTS.inc()
+            # While down, the fallback is polling: every prompt is reconciled.
+            await self.reconcile_all()
+            await asyncio.sleep(min(delay, self.poll_interval))
+            delay = min(delay * 2, self.reconnect_max)
+
+    async def _connect_and_read(self) -> None:
+        url = self.client.websocket_url(self.client_id)
+        async with self.client.session.ws_connect(url, heartbeat=20, max_msg_size=0) as ws:
+            self.connected.set()
+            log.info("comfyui_ws_connected", client_id=self.client_id)
+            await ws.send_json({"type": "feature_flags", "data": {}})
+            # Frames of the downtime are lost: catch up on every followed prompt.
+            await self.reconcile_all()
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    self._route(json.loads(message.data))
+                elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+                # Binary frames are previews: not our outputs, which come from /view.
+
+    def _route(self, message: JsonDict) -> None:
+        data = message.get("data")
+        prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
+        if not isinstance(prompt_id, str):
+            return  # `status` and other broadcasts
+        stream = self._streams.get(prompt_id)
+        if stream is not None:
+            stream.messages.put_nowait(message)
+            return
+        self._early.setdefault(prompt_id, []).append(message)
+        while len(self._early) > EARLY_PROMPTS:
+            self._early.popitem(last=False)

@@ -1,0 +1,323 @@
+"""ComfyWorker over real gRPC in front of the simulator: the Execute stream,
+error classification, reconnection, timeouts, cancel, retries and health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.comfy_worker.executor import prompt_id_for
+from services.contracts import worker
+from services.generation.templates import ImageRef, TemplateLibrary
+from tests.fixtures.simulator import RunningSimulator, StartSimulator
+from tests.fixtures.worker import StartWorker, WorkerClient
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+LIBRARY = TemplateLibrary.load(WORKFLOWS)
+
+
+def graph(template: str = "sd15-txt2img", **values: Any) -> str:
+    values = {"prompt": 'a "quoted" cat {x}', "steps": 3, "seed": 7, **values}
+    if template != "sd15-txt2img" and template != "sdxl-txt2img":
+        values.pop("prompt")
+    return json.dumps(LIBRARY.resolve(template, values).graph)
+
+
+async def run(
+    client: WorkerClient, job_id: str, graph_json: str, **request: Any
+) -> list[worker.ExecutionEvent]:
+    call = client.stub.Execute(
+        worker.ExecuteRequest(job_id=job_id, graph_json=graph_json, **request)
+    )
+    return [response.event async for response in call]
+
+
+def kinds(events: list[worker.ExecutionEvent]) -> list[str]:
+    return [str(e.WhichOneof("kind")) for e in events]
+
+
+def images(events: list[worker.ExecutionEvent]) -> dict[int, bytes]:
+    found: dict[int, bytes] = {}
+    for event in events:
+        if event.WhichOneof("kind") == "output":
+            assert event.output.offset == len(found.get(event.output.index, b""))
+            found[event.output.index] = found.get(event.output.index, b"") + event.output.data
+    return found
+
+
+async def test_a_job_streams_accepted_started_progress_images_completed(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    events = await run(comfy_worker, "job-1", graph(steps=3))
+
+    order = [k for i, k in enumerate(kinds(events)) if i == 0 or kinds(events)[i - 1] != k]
+    assert order == ["accepted", "started", "progress", "output", "completed"]
+    assert events[0].accepted.prompt_id == prompt_id_for("job-1")
+    assert [(e.progress.value, e.progress.max) for e in events if e.HasField("progress")] == [
+        (1, 3),
+        (2, 3),
+        (3, 3),
+    ]
+    (png,) = images(events).values()
+    assert png.startswith(b"\x89PNG")
+    last = [e.output for e in events if e.HasField("output") and e.output.last]
+    assert last[0].size_bytes == len(png) and last[0].content_type == "image/png"
+    assert events[-1].completed.output_count == 1
+    assert len(comfyui_simulator.sim.runs) == 1
+
+
+async def test_a_batch_yields_every_image(comfy_worker: WorkerClient) -> None:
+    events = await run(comfy_worker, "job-batch", graph(batch_size=3, steps=1))
+    assert sorted(images(events)) == [0, 1, 2]
+    assert events[-1].completed.output_count == 3
+
+
+async def test_a_missing_model_is_reported_with_the_models_that_exist(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    bad = json.loads(graph())
+    bad["4"]["inputs"]["ckpt_name"] = "nope.safetensors"
+    events = await run(comfy_worker, "job-model", json.dumps(bad))
+
+    assert kinds(events) == ["failed"]
+    failed = events[0].failed
+    assert failed.reason == "MODEL_NOT_FOUND" and not failed.retryable
+    assert "v1-5-pruned-emaonly.safetensors" in failed.message
+    assert failed.node_id == "4" and failed.node_type == "CheckpointLoaderSimple"
+    assert comfyui_simulator.sim.runs == []
+
+
+async def test_an_invalid_workflow_names_node_and_input(comfy_worker: WorkerClient) -> None:
+    bad = json.loads(graph())
+    del bad["3"]["inputs"]["model"]
+    events = await run(comfy_worker, "job-invalid", json.dumps(bad))
+
+    failed = events[-1].failed
+    assert failed.reason == "INVALID_WORKFLOW"
+    assert failed.node_id == "3" and failed.details["input"] == "model"
+
+    unknown = json.loads(graph())
+    unknown["3"]["class_type"] = "NoSuchNode"
+    events = await run(comfy_worker, "job-unknown", json.dumps(unknown))
+    assert events[-1].failed.reason == "INVALID_WORKFLOW"
+    assert "NoSuchNode" in events[-1].failed.message
+
+
+async def test_gpu_out_of_memory_is_classified_with_its_node(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    comfyui_simulator.sim.inject_oom("KSampler")
+    events = await run(comfy_worker, "job-oom", graph())
+
+    failed = events[-1].failed
+    assert failed.reason == "GPU_OUT_OF_MEMORY" and not failed.retryable
+    assert (failed.node_id, failed.node_type) == ("3", "KSampler")
+    assert "out of memory" in failed.message
+
+
+async def test_a_timeout_cancels_the_prompt_in_comfyui(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    comfyui_simulator.sim.set_step_seconds(0.5)
+    events = await run(comfy_worker, "job-slow", graph(steps=50), timeout_seconds=1)
+
+    assert events[-1].failed.reason == "TIMEOUT"
+    await asyncio.sleep(0.7)  # the interrupt lands at the next step
+    assert comfyui_simulator.sim.running is None
+    assert comfyui_simulator.sim.runs[-1].ended is not None
+
+
+async def test_a_dropped_websocket_loses_no_completion(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    comfyui_simulator.sim.set_step_seconds(0.05)
+    call = comfy_worker.stub.Execute(
+        worker.ExecuteRequest(job_id="job-drop", graph_json=graph(steps=10))
+    )
+    events = []
+    async for response in call:
+        events.append(response.event)
+        if response.event.HasField("progress") and response.event.progress.value == 2:
+            await comfyui_simulator.sim.drop_websockets()
+    assert events[-1].HasField("completed")
+    assert len(images(events)) == 1
+
+
+async def test_a_comfyui_restart_that_loses_the_prompt_is_reported_lost(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    comfyui_simulator.sim.set_step_seconds(0.05)
+    call = comfy_worker.stub.Execute(
+        worker.ExecuteRequest(job_id="job-lost", graph_json=graph(steps=40))
+    )
+    events = []
+    async for response in call:
+        events.append(response.event)
+        if response.event.HasField("progress"):
+            await comfyui_simulator.sim.restart()
+    failed = events[-1].failed
+    assert failed.reason == "PROMPT_LOST" and failed.retryable
+
+
+async def test_sending_a_job_again_follows_the_first_run_instead_of_rerunning(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    first = await run(comfy_worker, "job-twice", graph())
+    again = await run(comfy_worker, "job-twice", graph())
+
+    assert len(comfyui_simulator.sim.runs) == 1
+    assert images(again) == images(first)
+    assert again[-1].HasField("completed")
+
+
+async def test_attach_follows_a_running_prompt_to_the_end(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    comfyui_simulator.sim.set_step_seconds(0.05)
+    call = comfy_worker.stub.Execute(
+        worker.ExecuteRequest(job_id="job-attach", graph_json=graph(steps=10))
+    )
+    async for response in call:
+        if response.event.HasField("started"):
+            break
+    call.cancel()  # the dispatcher died; the prompt runs on in ComfyUI
+    attached = [
+        r.event
+        async for r in comfy_worker.stub.Attach(
+            worker.AttachRequest(job_id="job-attach", prompt_id=prompt_id_for("job-attach"))
+        )
+    ]
+    assert attached[-1].HasField("completed") and len(images(attached)) == 1
+    assert len(comfyui_simulator.sim.runs) == 1
+
+
+async def test_cancel_deletes_a_waiting_prompt_and_interrupts_a_running_one(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    comfyui_simulator.sim.set_step_seconds(0.05)
+    running = asyncio.create_task(run(comfy_worker, "job-running", graph(steps=100)))
+    while comfyui_simulator.sim.running is None:
+        await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(run(comfy_worker, "job-waiting", graph(steps=101)))
+    while len(comfyui_simulator.sim.pending) < 1:
+        await asyncio.sleep(0.01)
+
+    deleted = await comfy_worker.stub.Cancel(
+        worker.CancelRequest(prompt_id=prompt_id_for("job-waiting"))
+    )
+    interrupted = await comfy_worker.stub.Cancel(
+        worker.CancelRequest(prompt_id=prompt_id_for("job-running"))
+    )
+    unknown = await comfy_worker.stub.Cancel(worker.CancelRequest(prompt_id="nope"))
+
+    assert deleted.outcome == worker.CANCEL_OUTCOME_DELETED
+    assert interrupted.outcome == worker.CANCEL_OUTCOME_INTERRUPTED
+    assert unknown.outcome == worker.CANCEL_OUTCOME_NOT_FOUND
+    assert (await waiting)[-1].failed.reason == "INTERRUPTED"
+    assert (await running)[-1].failed.reason == "INTERRUPTED"
+    assert [r.prompt_id for r in comfyui_simulator.sim.runs] == [prompt_id_for("job-running")]
+
+
+async def test_transient_errors_are_retried_and_4xx_never(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    comfyui_simulator.sim.fail_http(503, times=2, paths=("/prompt",))
+    events = await run(comfy_worker, "job-retried", graph(steps=1))
+    assert events[-1].HasField("completed")
+
+    comfyui_simulator.sim.fail_http(404, times=2, paths=("/prompt",))
+    events = await run(comfy_worker, "job-404", graph(steps=1))
+    assert events[-1].failed.reason == "INVALID_WORKFLOW"
+    assert comfyui_simulator.sim.faults.http_errors == 1  # one request, no retry
+
+
+async def test_unreachable_comfyui_fails_retryably_and_health_follows_it(
+    simulator_factory: StartSimulator, worker_factory: StartWorker
+) -> None:
+    simulator = await simulator_factory()
+    client = await worker_factory(simulator)
+    health = health_pb2_grpc.HealthStub(client.channel)
+    port = int(simulator.url.rsplit(":", 1)[1])
+
+    async def status() -> int:
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        return int(answer.status)
+
+    await wait_for(lambda: status(), health_pb2.HealthCheckResponse.SERVING)
+    await simulator.stop()
+    events = await run(client, "job-down", graph(steps=1))
+    assert events[-1].failed.reason == "COMFYUI_UNREACHABLE" and events[-1].failed.retryable
+    await wait_for(lambda: status(), health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    await simulator_factory(port=port)
+    await wait_for(lambda: status(), health_pb2.HealthCheckResponse.SERVING)
+    events = await run(client, "job-back", graph(steps=1))
+    assert events[-1].HasField("completed")
+
+
+async def wait_for(probe: Any, expected: int, seconds: float = 10.0) -> None:
+    async with asyncio.timeout(seconds):
+        while await probe() != expected:
+            await asyncio.sleep(0.05)
+
+
+async def test_polling_is_the_fallback_when_no_websocket_opens(
+    simulator_factory: StartSimulator, worker_factory: StartWorker
+) -> None:
+    simulator = await simulator_factory()
+    client = await worker_factory(simulator)
+    simulator.sim.fail_http(500, times=10_000, paths=("/ws",))
+    await simulator.sim.drop_websockets()
+    await asyncio.sleep(0.1)
+    assert not client.running.tracker.connected.is_set()
+
+    events = await run(client, "job-polled", graph(steps=2))
+    assert events[-1].HasField("completed")
+
+
+async def test_input_images_are_uploaded_and_the_loader_points_at_them(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    png = (comfyui_simulator.sim.dirs["output"]).parent / "in.png"
+    from services.simulator.images import render_png
+
+    png.write_bytes(render_png(64, 64, 1))
+    resolved = LIBRARY.resolve("img2img", {"prompt": "x", "image": ImageRef("photo.png")})
+    events = await run(
+        comfy_worker,
+        "job-img2img",
+        json.dumps(resolved.graph),
+        input_images=[worker.InputImage(name="photo.png", data=png.read_bytes())],
+    )
+    assert events[-1].HasField("completed"), events[-1]
+    uploaded = list(comfyui_simulator.sim.dirs["input"].iterdir())
+    assert [p.read_bytes() for p in uploaded] == [png.read_bytes()]
+
+
+async def test_stats_and_models_come_from_comfyui(comfy_worker: WorkerClient) -> None:
+    stats = await comfy_worker.stub.GetSystemStats(worker.GetSystemStatsRequest())
+    models = await comfy_worker.stub.ListModels(worker.ListModelsRequest())
+
+    assert stats.comfyui_version == "0.3.64" and stats.devices[0].vram_total > 0
+    assert "v1-5-pruned-emaonly.safetensors" in models.models["checkpoints"].names
+    assert models.models["upscale_models"].names == ["RealESRGAN_x4plus.pth"]
+
+
+async def test_only_generation_services_credential_runs_work(
+    worker_factory: StartWorker, comfyui_simulator: RunningSimulator
+) -> None:
+    client = await worker_factory(comfyui_simulator, worker_token="s3cret")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await run(client, "job-anon", graph())
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    call = client.stub.Execute(
+        worker.ExecuteRequest(job_id="job-auth", graph_json=graph(steps=1)),
+        metadata=[("authorization", "Bearer s3cret")],
+    )
+    assert [r.event async for r in call][-1].HasField("completed")
