@@ -1,0 +1,138 @@
+"""Rows of the queue tables as protobuf messages, and back for parameters."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from asyncpg import Record
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.contracts import gen
+from services.generation.templates import Template, to_proto_value
+
+TERMINAL_STATUSES = {
+    gen.GENERATION_STATUS_COMPLETED,
+    gen.GENERATION_STATUS_FAILED,
+    gen.GENERATION_STATUS_CANCELLED,
+}
+
+
+def status_value(name: str) -> gen.GenerationStatus.ValueType:
+    return gen.GenerationStatus.Value(f"GENERATION_STATUS_{name}")
+
+
+def status_name(value: int) -> str:
+    return gen.GenerationStatus.Name(value).removeprefix("GENERATION_STATUS_")  # type: ignore[arg-type]
+
+
+def parameters_json(template: Template, values: dict[str, Any]) -> str:
+    """The resolved values, typed as the contract carries them."""
+    return json.dumps(
+        {
+            name: json_format.MessageToDict(to_proto_value(template.parameters[name], value))
+            for name, value in values.items()
+            if name in template.parameters
+        }
+    )
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def outputs(raw: Any) -> list[gen.OutputImage]:
+    return [
+        gen.OutputImage(
+            index=o["index"],
+            path=o["path"],
+            content_type=o["content_type"],
+            size_bytes=o["size_bytes"],
+        )
+        for o in _json(raw) or []
+    ]
+
+
+def generation(row: Record, queue_position: int = 0) -> gen.Generation:
+    message = gen.Generation(
+        id=str(row["id"]),
+        status=status_value(row["status"]),
+        template=row["template"],
+        priority=row["priority"],
+        request_id=row["request_id"] or "",
+        duration_ms=row["duration_ms"] or 0,
+        outputs=outputs(row["outputs"]),
+        prompt_id=row["prompt_id"] or "",
+        worker=row["worker"] or "",
+        attempts=row["attempts"],
+        queue_position=queue_position,
+        timeout_seconds=row["timeout_seconds"],
+        last_event_sequence=row["last_event_seq"],
+    )
+    for name, value in (_json(row["parameters"]) or {}).items():
+        json_format.ParseDict(value, message.parameters[name])
+    for field, column in (
+        ("create_time", "created_at"),
+        ("start_time", "started_at"),
+        ("complete_time", "completed_at"),
+    ):
+        stamp = _timestamp(row[column])
+        if stamp is not None:
+            getattr(message, field).CopyFrom(stamp)
+    if row["progress_max"] is not None:
+        message.progress.CopyFrom(
+            gen.Progress(
+                value=row["progress_value"] or 0,
+                max=row["progress_max"],
+                node_id=row["progress_node"] or "",
+            )
+        )
+    if row["error_reason"]:
+        message.error.CopyFrom(
+            gen.GenerationError(
+                reason=row["error_reason"],
+                message=row["error_message"] or "",
+                details=_json(row["error_details"]) or {},
+            )
+        )
+    return message
+
+
+def event(row: Record) -> gen.GenerationEvent:
+    payload = _json(row["payload"]) or {}
+    message = gen.GenerationEvent(
+        sequence=row["seq"],
+        generation_id=str(row["generation_id"]),
+        type=gen.EventType.Value(f"EVENT_TYPE_{row['type']}"),
+        status=status_value(row["status"]),
+        worker=payload.get("worker") or "",
+        prompt_id=payload.get("prompt_id") or "",
+    )
+    stamp = _timestamp(row["created_at"])
+    if stamp is not None:
+        message.time.CopyFrom(stamp)
+    if row["type"] == "PROGRESS":
+        message.progress.CopyFrom(
+            gen.Progress(value=payload["value"], max=payload["max"], node_id=payload["node"])
+        )
+    if "reason" in payload:
+        message.error.CopyFrom(
+            gen.GenerationError(
+                reason=payload["reason"],
+                message=payload.get("message", ""),
+                details=payload.get("details") or {},
+            )
+        )
+    if "outputs" in payload:
+        message.outputs.extend(outputs(payload["outputs"]))
+    return message

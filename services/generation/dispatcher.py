@@ -1,0 +1,352 @@
+"""Feeds the ComfyWorkers from the queue and records what they report.
+
+Each replica claims as many rows as its workers have free slots (slots =
+MaxConcurrentGenerations + lookahead, so ComfyUI's own queue already holds
+the next prompt), runs each as one Execute stream, and writes every state
+change fenced by the claim's attempt. Leases are renewed in one batched
+statement; rows whose lease expired elsewhere are taken over and sent to the
+same worker with the same job id, which follows the prompt already in
+ComfyUI instead of running it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import grpc
+from asyncpg import Record
+
+from services import metrics
+from services.comfy_worker.executor import prompt_id_for
+from services.contracts import worker
+from services.errors import Reason
+from services.generation.queue import Fence, Queue
+from services.generation.store import ImageStore, StorageFull
+from services.generation.workers import WorkerHandle, WorkerPool
+from services.log import get_logger
+from services.settings import QueueSettings
+
+log = get_logger(component="dispatcher")
+# How long a job waits for its worker to come back before it is re-queued.
+REATTACH_SECONDS = 60.0
+PRUNE_INTERVAL = 600.0
+
+
+class LeaseLost(Exception):
+    """Another replica owns the generation now: stop writing."""
+
+
+@dataclass
+class _Output:
+    temp: Any
+    handle: BinaryIO
+    content_type: str
+
+
+@dataclass
+class Job:
+    row: Record
+    fence: Fence
+    handle: WorkerHandle
+    task: asyncio.Task[None] | None = None
+    cancel_sent: bool = False
+    outputs: dict[int, _Output] = field(default_factory=dict)
+    saved: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Dispatcher:
+    def __init__(
+        self, queue: Queue, workers: WorkerPool, store: ImageStore, settings: QueueSettings
+    ) -> None:
+        self.queue = queue
+        self.workers = workers
+        self.store = store
+        self.settings = settings
+        self.wake = asyncio.Event()
+        self.jobs: dict[uuid.UUID, Job] = {}
+        self.paused: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._dispatch_forever(), name="dispatch"),
+            asyncio.create_task(self._heartbeat_forever(), name="heartbeat"),
+            asyncio.create_task(self._prune_forever(), name="prune"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop claiming and let go of running jobs; their leases expire for a takeover."""
+        for task in [*self._tasks, *[j.task for j in self.jobs.values() if j.task]]:
+            task.cancel()
+        for task in [*self._tasks, *[j.task for j in self.jobs.values() if j.task]]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    # ----- claiming ------------------------------------------------------------------
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            self.wake.clear()
+            try:
+                await self._dispatch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the database is down: keep trying
+                log.warning("dispatch_failed", error=str(error) or type(error).__name__)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.poll_seconds):
+                    await self.wake.wait()
+
+    async def _dispatch_once(self) -> None:
+        if self.paused and self.store.has_space():
+            log.info("dispatch_resumed", was=self.paused)
+            self.paused = None
+        if self.paused:
+            return
+        while (free := self.workers.free_slots) > 0:
+            rows = await self.queue.claim(free)
+            if not rows:
+                return
+            for row in rows:
+                self._start(row)
+
+    def _start(self, row: Record) -> None:
+        handle = self._worker_for(row)
+        fence = Fence(row["id"], row["attempts"], self.queue.owner)
+        job = Job(row, fence, handle)
+        self.workers.acquire(handle, row["checkpoint"])
+        self.jobs[row["id"]] = job
+        job.task = asyncio.create_task(self._run(job), name=f"job-{row['id']}")
+
+    def _worker_for(self, row: Record) -> WorkerHandle:
+        # A taken-over job goes back to the ComfyUI that may still be running it.
+        previous = self.workers.workers.get(row["worker"] or "")
+        if previous is not None and row["status"] in ("DISPATCHED", "RUNNING") and row["worker"]:
+            return previous
+        chosen = self.workers.pick(row["checkpoint"])
+        return chosen or next(iter(self.workers.workers.values()))
+
+    # ----- one job -------------------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        claimed = time.monotonic()
+        generation_id = job.row["id"]
+        bound = log.bind(generation_id=str(generation_id), worker=job.handle.name)
+        try:
+            job_id = str(generation_id)
+            prompt_id = prompt_id_for(job_id)
+            bound = bound.bind(prompt_id=prompt_id)
+            await self._write(job, self.queue.dispatched(job.fence, job.handle.name, prompt_id))
+            request = worker.ExecuteRequest(
+                job_id=job_id,
+                graph_json=job.row["graph"],
+                timeout_seconds=job.row["timeout_seconds"],
+                input_images=[
+                    worker.InputImage(name=name, data=data)
+                    for name, data in await self.queue.inputs(generation_id)
+                ],
+            )
+            await self._execute(job, request, claimed)
+        except LeaseLost:
+            bound.warning("lease_lost")
+        except StorageFull as error:
+            self.paused = f"{Reason.STORAGE_FULL.value}: {error}"
+            bound.error("storage_full", error=str(error))
+            with contextlib.suppress(Exception):
+                await self._finish(
+                    job,
+                    self.queue.failed(job.fence, Reason.STORAGE_FULL.value, str(error), {}),
+                    "failed",
+                    Reason.STORAGE_FULL.value,
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            bound.exception("job_crashed")
+            with contextlib.suppress(Exception):
+                await self._retry_or_fail(job, Reason.INTERNAL.value, "dispatcher error", True)
+        finally:
+            for output in job.outputs.values():
+                self.store.discard(output.temp, output.handle)
+            self.jobs.pop(generation_id, None)
+            self.workers.release(job.handle)
+
+    async def _execute(self, job: Job, request: worker.ExecuteRequest, claimed: float) -> None:
+        """Run the stream; when the worker vanishes, send the same job again until it's back."""
+        gone_since: float | None = None
+        while True:
+            try:
+                call = job.handle.stub.Execute(request, metadata=job.handle.metadata)
+                async for response in call:
+                    gone_since = None
+                    if await self._on_event(job, response.event, claimed):
+                        return
+                raise ConnectionError("the stream ended before the job did")
+            except (grpc.aio.AioRpcError, ConnectionError) as error:
+                if isinstance(error, grpc.aio.AioRpcError) and error.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.UNKNOWN,
+                    grpc.StatusCode.INTERNAL,
+                ):
+                    await self._retry_or_fail(
+                        job, Reason.INTERNAL.value, str(error.details()), False
+                    )
+                    return
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > REATTACH_SECONDS:
+                    await self._retry_or_fail(
+                        job, Reason.COMFYUI_UNREACHABLE.value, "the worker did not come back", True
+                    )
+                    return
+                self._discard_outputs(job)
+                await asyncio.sleep(0.5)
+
+    async def _on_event(self, job: Job, event: worker.ExecutionEvent, claimed: float) -> bool:
+        """Record one event; True when the job is finished."""
+        kind = event.WhichOneof("kind")
+        if kind == "accepted":
+            metrics.DISPATCH_LATENCY.observe(time.monotonic() - claimed)
+        elif kind == "started":
+            row = await self._write(job, self.queue.started(job.fence))
+            metrics.QUEUE_WAIT.observe(max(0.0, time.time() - row["created_at"].timestamp()))
+        elif kind == "progress":
+            p = event.progress
+            await self._write(job, self.queue.progress(job.fence, p.value, p.max, p.node_id))
+        elif kind == "output":
+            self._store_chunk(job, event.output)
+        elif kind == "completed":
+            await self._finish(job, self.queue.completed(job.fence, job.saved), "completed", "")
+            return True
+        elif kind == "failed":
+            await self._on_failed(job, event.failed)
+            return True
+        return False
+
+    def _store_chunk(self, job: Job, chunk: worker.OutputChunk) -> None:
+        output = job.outputs.get(chunk.index)
+        if output is None:
+            temp, handle = self.store.open_temp(job.row["id"], chunk.index)
+            output = job.outputs[chunk.index] = _Output(temp, handle, chunk.content_type)
+        if chunk.data:
+            self.store.write(output.handle, chunk.data)
+        if chunk.last:
+            final = self.store.path_for(job.row["id"], chunk.index, output.content_type)
+            self.store.commit(output.temp, output.handle, final)
+            del job.outputs[chunk.index]
+            job.saved.append(
+                {
+                    "index": chunk.index,
+                    "path": str(final),
+                    "content_type": output.content_type,
+                    "size_bytes": chunk.size_bytes,
+                }
+            )
+
+    def _discard_outputs(self, job: Job) -> None:
+        for output in job.outputs.values():
+            self.store.discard(output.temp, output.handle)
+        job.outputs.clear()
+        job.saved.clear()
+
+    async def _on_failed(self, job: Job, failed: worker.Failed) -> None:
+        if failed.reason == Reason.INTERRUPTED.value:
+            await self._finish(job, self.queue.cancelled(job.fence), "cancelled", "")
+        elif failed.retryable:
+            await self._retry_or_fail(job, failed.reason, failed.message, True)
+        else:
+            details = dict(failed.details)
+            for key in ("node_id", "node_type", "exception_type"):
+                if getattr(failed, key):
+                    details[key] = getattr(failed, key)
+            await self._finish(
+                job,
+                self.queue.failed(job.fence, failed.reason, failed.message, details),
+                "failed",
+                failed.reason,
+            )
+
+    async def _retry_or_fail(self, job: Job, reason: str, message: str, retryable: bool) -> None:
+        if retryable and job.fence.attempt < self.settings.max_attempts:
+            await self._write(job, self.queue.requeue(job.fence, reason, message))
+            return
+        write = (
+            self.queue.exhausted(job.fence, reason, message)
+            if retryable
+            else self.queue.failed(job.fence, reason, message, {})
+        )
+        await self._finish(job, write, "failed", reason)
+
+    async def _finish(self, job: Job, write: Any, outcome: str, reason: str) -> None:
+        row = await self._write(job, write)
+        metrics.GENERATIONS.labels(outcome=outcome, reason=reason).inc()
+        if row["started_at"] is not None and row["completed_at"] is not None:
+            metrics.RUN_TIME.observe((row["completed_at"] - row["started_at"]).total_seconds())
+
+    async def _write(self, job: Job, write: Any) -> Record:
+        """Await a fenced write; no row means the lease is gone. Act on a cancel request."""
+        row: Record | None = await write
+        if row is None:
+            raise LeaseLost()
+        if (
+            row["cancel_requested"]
+            and not job.cancel_sent
+            and row["status"]
+            not in (
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED",
+            )
+        ):
+            job.cancel_sent = True
+            task = asyncio.create_task(self.cancel_in_worker(job.handle, row["prompt_id"]))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return row
+
+    async def cancel_in_worker(self, handle: WorkerHandle, prompt_id: str | None) -> None:
+        if not prompt_id:
+            return
+        try:
+            await handle.stub.Cancel(
+                worker.CancelRequest(prompt_id=prompt_id), metadata=handle.metadata, timeout=10
+            )
+        except grpc.aio.AioRpcError as error:
+            log.warning("cancel_failed", prompt_id=prompt_id, error=error.code().name)
+
+    # ----- leases and housekeeping -------------------------------------------------------
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            ids = list(self.jobs)
+            try:
+                held = await self.queue.heartbeat(ids)
+            except Exception as error:
+                log.warning("heartbeat_failed", error=str(error) or type(error).__name__)
+                continue
+            for generation_id in set(ids) - held:
+                job = self.jobs.get(generation_id)
+                # Finished meanwhile, or taken over: either way it is not ours to run.
+                if job is not None and job.task is not None and generation_id in self.jobs:
+                    still = await self.queue.heartbeat([generation_id])
+                    if not still:
+                        job.task.cancel()
+
+    async def _prune_forever(self) -> None:
+        while True:
+            try:
+                for path in await self.queue.prune(self.settings.retention_hours):
+                    self.store.remove(path)
+            except Exception as error:
+                log.warning("prune_failed", error=str(error) or type(error).__name__)
+            await asyncio.sleep(PRUNE_INTERVAL)

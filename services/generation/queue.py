@@ -1,0 +1,448 @@
+"""The queue in PostgreSQL: every state change of a generation, as SQL.
+
+- Create inserts the row, its first event and a NOTIFY in one transaction.
+- Claims take queued rows with FOR UPDATE SKIP LOCKED in claim_key order
+  (priority with aging) and lease them to this replica.
+- Every later write is fenced: it names the attempt (the fencing token) and
+  the lease owner, and changes nothing when another replica took over.
+- Each change bumps last_event_seq, stores the event and NOTIFYs its id and
+  sequence in the same statement; the row is the truth, the notification only
+  a wake-up.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from asyncpg import Record
+
+from services.errors import NotFound, Reason, ResourceExhausted
+from services.settings import QueueSettings
+
+QUEUED_CHANNEL = "lockn_queued"
+EVENTS_CHANNEL = "lockn_events"
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+ACTIVE = ("DISPATCHED", "RUNNING")
+
+
+# Appends an event to the rows `changed` returns (id, last_event_seq, status,
+# principal) and notifies; $E1 = event type, $E2 = payload.
+_EVENT_TAIL = """
+, inserted AS (
+    INSERT INTO generation_events (generation_id, seq, type, status, payload)
+    SELECT id, last_event_seq, {type}, status, {payload}::jsonb FROM changed
+)
+SELECT changed.*, pg_notify('{channel}',
+    changed.id::text || ':' || changed.last_event_seq || ':' || changed.principal)
+FROM changed
+"""
+
+
+def _with_event(changed_sql: str, type_param: str, payload_param: str) -> str:
+    tail = _EVENT_TAIL.format(type=type_param, payload=payload_param, channel=EVENTS_CHANNEL)
+    return f"WITH changed AS ({changed_sql})" + tail
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Who may write a claimed generation: this attempt of this owner only."""
+
+    id: uuid.UUID
+    attempt: int
+    owner: str
+
+
+class Queue:
+    def __init__(self, pool: asyncpg.Pool, settings: QueueSettings, owner: str) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.owner = owner
+
+    # ----- callers -----------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        principal: str,
+        request_id: str | None,
+        template: str,
+        parameters: dict[str, Any],
+        graph: str,
+        checkpoint: str | None,
+        priority: int,
+        timeout_seconds: int,
+        inputs: Sequence[tuple[str, bytes]],
+    ) -> tuple[Record, bool]:
+        """(row, created): a repeated request_id returns the first row, unchanged."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if request_id:
+                existing = await conn.fetchrow(
+                    "SELECT * FROM generations WHERE principal = $1 AND request_id = $2",
+                    principal,
+                    request_id,
+                )
+                if existing is not None:
+                    return existing, False
+            queued = await conn.fetchval(
+                "SELECT count(*) FROM generations WHERE principal = $1 AND status = 'QUEUED'",
+                principal,
+            )
+            if queued >= self.settings.max_queued_per_principal:
+                raise ResourceExhausted(
+                    f"{queued} generations already queued for this caller "
+                    f"(limit {self.settings.max_queued_per_principal})",
+                    retry_after_seconds=10.0,
+                )
+            row = await conn.fetchrow(
+                _with_event(
+                    """
+                    INSERT INTO generations (id, principal, request_id, template, parameters,
+                        graph, checkpoint, priority, timeout_seconds, last_event_seq, claim_key)
+                    VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, 1,
+                        extract(epoch FROM clock_timestamp()) - $8::int * $10::float8)
+                    ON CONFLICT (principal, request_id) DO NOTHING
+                    RETURNING *
+                    """,
+                    "'CREATED'",
+                    "'{}'",
+                ),
+                uuid.uuid4(),
+                principal,
+                request_id or None,
+                template,
+                json.dumps(parameters),
+                graph,
+                checkpoint,
+                priority,
+                timeout_seconds,
+                self.settings.aging_seconds_per_priority,
+            )
+            if row is None:  # the same request_id won a race: return that one
+                existing = await conn.fetchrow(
+                    "SELECT * FROM generations WHERE principal = $1 AND request_id = $2",
+                    principal,
+                    request_id,
+                )
+                return existing, False
+            if inputs:
+                await conn.executemany(
+                    "INSERT INTO generation_inputs (generation_id, name, data) VALUES ($1, $2, $3)",
+                    [(row["id"], name, data) for name, data in inputs],
+                )
+            await conn.execute(f"NOTIFY {QUEUED_CHANNEL}")
+            return row, True
+
+    async def get(self, generation_id: uuid.UUID, principal: str | None) -> Record:
+        """The row, when it exists and (unless principal is None) belongs to the caller."""
+        row = await self.pool.fetchrow(
+            "SELECT * FROM generations WHERE id = $1 AND ($2::text IS NULL OR principal = $2)",
+            generation_id,
+            principal,
+        )
+        if row is None:
+            raise NotFound(f"generation {generation_id} not found")
+        return row
+
+    async def queue_position(self, row: Record) -> int:
+        if row["status"] != "QUEUED":
+            return 0
+        ahead: int = await self.pool.fetchval(
+            "SELECT count(*) FROM generations WHERE status = 'QUEUED' AND claim_key < $1",
+            row["claim_key"],
+        )
+        return ahead + 1
+
+    async def page(
+        self,
+        principal: str,
+        *,
+        limit: int,
+        statuses: Sequence[str],
+        template: str | None,
+        before: tuple[datetime, uuid.UUID] | None,
+    ) -> list[Record]:
+        """Newest first, keyset paged on (created_at, id)."""
+        rows: list[Record] = await self.pool.fetch(
+            """
+            SELECT * FROM generations
+            WHERE principal = $1
+              AND (cardinality($2::text[]) = 0 OR status = ANY($2))
+              AND ($3::text IS NULL OR template = $3)
+              AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid))
+            ORDER BY created_at DESC, id DESC
+            LIMIT $6
+            """,
+            principal,
+            list(statuses),
+            template,
+            before[0] if before else None,
+            before[1] if before else None,
+            limit,
+        )
+        return rows
+
+    async def cancel(self, generation_id: uuid.UUID, principal: str) -> tuple[Record, bool]:
+        """(row, changed): a queued row becomes CANCELLED at once; an active one is
+        flagged for its owner; a finished one is returned unchanged."""
+        row = await self.pool.fetchrow(
+            _with_event(
+                """
+                UPDATE generations SET status = 'CANCELLED', completed_at = now(),
+                    cancel_requested = true, last_event_seq = last_event_seq + 1
+                WHERE id = $1 AND principal = $2 AND status = 'QUEUED'
+                RETURNING *
+                """,
+                "'CANCELLED'",
+                "'{}'",
+            ),
+            generation_id,
+            principal,
+        )
+        if row is not None:
+            return row, True
+        row = await self.pool.fetchrow(
+            """
+            UPDATE generations SET cancel_requested = true
+            WHERE id = $1 AND principal = $2 AND status IN ('DISPATCHED', 'RUNNING')
+            RETURNING *
+            """,
+            generation_id,
+            principal,
+        )
+        if row is not None:
+            return row, True
+        return await self.get(generation_id, principal), False
+
+    async def events_after(
+        self, generation_id: uuid.UUID, after: int, limit: int = 500
+    ) -> list[Record]:
+        rows: list[Record] = await self.pool.fetch(
+            """
+            SELECT e.*, g.worker, g.prompt_id FROM generation_events e
+            JOIN generations g ON g.id = e.generation_id
+            WHERE e.generation_id = $1 AND e.seq > $2 ORDER BY e.seq LIMIT $3
+            """,
+            generation_id,
+            after,
+            limit,
+        )
+        return rows
+
+    async def event(self, generation_id: uuid.UUID, seq: int) -> Record | None:
+        row: Record | None = await self.pool.fetchrow(
+            """
+            SELECT e.*, g.worker, g.prompt_id, g.principal, g.template FROM generation_events e
+            JOIN generations g ON g.id = e.generation_id
+            WHERE e.generation_id = $1 AND e.seq = $2
+            """,
+            generation_id,
+            seq,
+        )
+        return row
+
+    async def inputs(self, generation_id: uuid.UUID) -> list[tuple[str, bytes]]:
+        rows = await self.pool.fetch(
+            "SELECT name, data FROM generation_inputs WHERE generation_id = $1 ORDER BY name",
+            generation_id,
+        )
+        return [(r["name"], bytes(r["data"])) for r in rows]
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self.pool.fetch("SELECT status, count(*) AS n FROM generations GROUP BY 1")
+        return {r["status"]: r["n"] for r in rows}
+
+    # ----- dispatch ------------------------------------------------------------------
+
+    async def claim(self, limit: int) -> list[Record]:
+        """Lease up to `limit` queued rows (best first), then expired leases (takeover)."""
+        if limit <= 0:
+            return []
+        rows: list[Record] = await self.pool.fetch(
+            """
+            UPDATE generations g SET status = 'DISPATCHED', attempts = g.attempts + 1,
+                lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3)
+            FROM (
+                SELECT id FROM generations WHERE status = 'QUEUED'
+                ORDER BY claim_key LIMIT $1 FOR UPDATE SKIP LOCKED
+            ) picked
+            WHERE g.id = picked.id
+            RETURNING g.*
+            """,
+            limit,
+            self.owner,
+            self.settings.lease_seconds,
+        )
+        if len(rows) < limit:
+            rows += await self._take_over(limit - len(rows))
+        return sorted(rows, key=lambda r: r["claim_key"])
+
+    async def _take_over(self, limit: int) -> list[Record]:
+        """Rows whose owner stopped renewing the lease: its replica is gone."""
+        rows: list[Record] = await self.pool.fetch(
+            _with_event(
+                """
+                UPDATE generations g SET attempts = g.attempts + 1, lease_owner = $2,
+                    lease_expires_at = now() + make_interval(secs => $3),
+                    last_event_seq = g.last_event_seq + 1
+                FROM (
+                    SELECT id FROM generations
+                    WHERE status IN ('DISPATCHED', 'RUNNING') AND lease_expires_at < now()
+                    ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
+                ) expired
+                WHERE g.id = expired.id
+                RETURNING g.*
+                """,
+                "'TAKEN_OVER'",
+                "'{}'",
+            ),
+            limit,
+            self.owner,
+            self.settings.lease_seconds,
+        )
+        return rows
+
+    async def heartbeat(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Renew this replica's leases in one statement; returns the ones still held."""
+        if not ids:
+            return set()
+        rows = await self.pool.fetch(
+            """
+            UPDATE generations SET lease_expires_at = now() + make_interval(secs => $3)
+            WHERE id = ANY($2::uuid[]) AND lease_owner = $1
+              AND status IN ('DISPATCHED', 'RUNNING')
+            RETURNING id
+            """,
+            self.owner,
+            list(ids),
+            self.settings.lease_seconds,
+        )
+        return {r["id"] for r in rows}
+
+    async def _fenced(
+        self, fence: Fence, sets: str, event: str, payload: dict[str, Any], *args: Any
+    ) -> Record | None:
+        """Apply `sets` and record `event`, only while `fence` still owns the row."""
+        row: Record | None = await self.pool.fetchrow(
+            _with_event(
+                f"""
+                UPDATE generations SET {sets}, last_event_seq = last_event_seq + 1
+                WHERE id = $1 AND attempts = $2 AND lease_owner = $3
+                  AND status IN ('DISPATCHED', 'RUNNING')
+                RETURNING *
+                """,
+                f"'{event}'",
+                "$4",
+            ),
+            fence.id,
+            fence.attempt,
+            fence.owner,
+            json.dumps(payload),
+            *args,
+        )
+        return row
+
+    async def dispatched(self, fence: Fence, worker: str, prompt_id: str) -> Record | None:
+        return await self._fenced(
+            fence,
+            "worker = $5, prompt_id = $6",
+            "DISPATCHED",
+            {"worker": worker, "prompt_id": prompt_id},
+            worker,
+            prompt_id,
+        )
+
+    async def started(self, fence: Fence) -> Record | None:
+        return await self._fenced(
+            fence, "status = 'RUNNING', started_at = coalesce(started_at, now())", "STARTED", {}
+        )
+
+    async def progress(self, fence: Fence, value: int, top: int, node: str) -> Record | None:
+        return await self._fenced(
+            fence,
+            "status = 'RUNNING', started_at = coalesce(started_at, now()), "
+            "progress_value = $5, progress_max = $6, progress_node = $7",
+            "PROGRESS",
+            {"value": value, "max": top, "node": node},
+            value,
+            top,
+            node,
+        )
+
+    async def completed(self, fence: Fence, outputs: list[dict[str, Any]]) -> Record | None:
+        return await self._fenced(
+            fence,
+            "status = 'COMPLETED', completed_at = now(), outputs = $5::jsonb, "
+            "lease_owner = NULL, lease_expires_at = NULL, "
+            "duration_ms = (extract(epoch FROM now() - coalesce(started_at, created_at))"
+            " * 1000)::bigint",
+            "COMPLETED",
+            {"outputs": outputs},
+            json.dumps(outputs),
+        )
+
+    async def failed(
+        self, fence: Fence, reason: str, message: str, details: dict[str, str]
+    ) -> Record | None:
+        return await self._fenced(
+            fence,
+            "status = 'FAILED', completed_at = now(), error_reason = $5, error_message = $6, "
+            "error_details = $7::jsonb, lease_owner = NULL, lease_expires_at = NULL, "
+            "duration_ms = (extract(epoch FROM now() - coalesce(started_at, created_at))"
+            " * 1000)::bigint",
+            "FAILED",
+            {"reason": reason, "message": message, "details": details},
+            reason,
+            message,
+            json.dumps(details),
+        )
+
+    async def cancelled(self, fence: Fence) -> Record | None:
+        return await self._fenced(
+            fence,
+            "status = 'CANCELLED', completed_at = now(), lease_owner = NULL, "
+            "lease_expires_at = NULL",
+            "CANCELLED",
+            {},
+        )
+
+    async def requeue(self, fence: Fence, reason: str, message: str) -> Record | None:
+        """Back to the queue in its old place (claim_key is kept)."""
+        row = await self._fenced(
+            fence,
+            "status = 'QUEUED', lease_owner = NULL, lease_expires_at = NULL, worker = NULL, "
+            "progress_value = NULL, progress_max = NULL, progress_node = NULL",
+            "REQUEUED",
+            {"reason": reason, "message": message},
+        )
+        if row is not None:
+            await self.pool.execute(f"NOTIFY {QUEUED_CHANNEL}")
+        return row
+
+    async def exhausted(self, fence: Fence, reason: str, message: str) -> Record | None:
+        return await self.failed(
+            fence,
+            Reason.ATTEMPTS_EXHAUSTED.value,
+            f"gave up after {fence.attempt} attempts; last: {reason}: {message}",
+            {"last_reason": reason},
+        )
+
+    async def prune(self, retention_hours: float) -> list[str]:
+        """Delete finished generations past retention; returns their image paths."""
+        rows = await self.pool.fetch(
+            """
+            DELETE FROM generations WHERE id IN (
+                SELECT id FROM generations
+                WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                  AND completed_at < now() - make_interval(secs => $1)
+                LIMIT 1000
+            ) RETURNING outputs
+            """,
+            retention_hours * 3600,
+        )
+        return [o["path"] for r in rows for o in json.loads(r["outputs"]) if "path" in o]

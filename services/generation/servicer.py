@@ -1,0 +1,259 @@
+"""GenerationService over gRPC. Every method checks its input first and
+changes nothing when it is bad; every read is limited to the caller's own
+generations (another caller's are NOT_FOUND, as if they did not exist)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import grpc
+
+from services.contracts import gen, gen_grpc
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, Reason
+from services.generation import convert
+from services.generation.dispatcher import Dispatcher
+from services.generation.events import EventHub
+from services.generation.inputs import check_images
+from services.generation.queue import Queue
+from services.generation.store import ImageStore
+from services.generation.templates import (
+    ImageRef,
+    TemplateLibrary,
+    to_proto,
+    values_from_proto,
+)
+from services.generation.workers import WorkerPool
+from services.grpc_server import current_principal
+from services.settings import Settings
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+PRIORITY_RANGE = (-100, 100)
+REQUEST_ID_MAX = 128
+CHUNK = 1 << 20
+
+
+def parse_id(value: str, field: str = "id") -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument.field(field, "not a generation id (a UUID)") from None
+
+
+def encode_token(created_at: datetime, generation_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(generation_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        created, generation_id = json.loads(raw)
+        return datetime.fromisoformat(created), uuid.UUID(generation_id)
+    except (ValueError, TypeError):
+        raise InvalidArgument.field("page_token", "not a token this service issued") from None
+
+
+class GenerationServicer(gen_grpc.GenerationServiceServicer):
+    def __init__(
+        self,
+        settings: Settings,
+        queue: Queue,
+        library: TemplateLibrary,
+        hub: EventHub,
+        workers: WorkerPool,
+        dispatcher: Dispatcher,
+        store: ImageStore,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.library = library
+        self.hub = hub
+        self.workers = workers
+        self.dispatcher = dispatcher
+        self.store = store
+
+    async def CreateGeneration(
+        self, request: gen.CreateGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> gen.CreateGenerationResponse:
+        template = self.library.get(request.template)
+        if not PRIORITY_RANGE[0] <= request.priority <= PRIORITY_RANGE[1]:
+            raise InvalidArgument.field(
+                "priority", f"between {PRIORITY_RANGE[0]} and {PRIORITY_RANGE[1]}"
+            )
+        if len(request.request_id) > REQUEST_ID_MAX or not request.request_id.isprintable():
+            raise InvalidArgument.field(
+                "request_id", f"printable, at most {REQUEST_ID_MAX} characters"
+            )
+        limit = self.settings.queue.max_timeout_seconds
+        if request.timeout_seconds > limit:
+            raise InvalidArgument.field("timeout_seconds", f"at most {limit}")
+        inputs = check_images(request.input_images)
+        values = values_from_proto(request.parameters)
+        referenced = {v.name for v in values.values() if isinstance(v, ImageRef)}
+        unknown = referenced - {name for name, _ in inputs}
+        if unknown:
+            raise InvalidArgument.field(
+                "parameters", f"names images not in input_images: {', '.join(sorted(unknown))}"
+            )
+        unused = {name for name, _ in inputs} - referenced
+        if unused:
+            raise InvalidArgument.field(
+                "input_images", f"not used by any parameter: {', '.join(sorted(unused))}"
+            )
+        resolved = self.library.resolve(
+            template.name, values, available_checkpoints=self.workers.checkpoints()
+        )
+        row, created = await self.queue.create(
+            principal=current_principal.get(),
+            request_id=request.request_id or None,
+            template=template.name,
+            parameters=json.loads(convert.parameters_json(template, resolved.parameters)),
+            graph=json.dumps(resolved.graph),
+            checkpoint=resolved.checkpoint,
+            priority=request.priority,
+            timeout_seconds=request.timeout_seconds or self.settings.comfyui.timeout_seconds,
+            inputs=inputs,
+        )
+        position = await self.queue.queue_position(row)
+        return gen.CreateGenerationResponse(
+            generation=convert.generation(row, position), created=created
+        )
+
+    async def GetGeneration(
+        self, request: gen.GetGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> gen.GetGenerationResponse:
+        return gen.GetGenerationResponse(generation=await self._generation(request.id))
+
+    async def _generation(self, value: str) -> gen.Generation:
+        row = await self.queue.get(parse_id(value), current_principal.get())
+        return convert.generation(row, await self.queue.queue_position(row))
+
+    async def ListGenerations(
+        self, request: gen.ListGenerationsRequest, context: grpc.aio.ServicerContext
+    ) -> gen.ListGenerationsResponse:
+        if request.page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        statuses = []
+        for n, status in enumerate(request.statuses):
+            if status not in gen.GenerationStatus.values() or status == 0:
+                raise InvalidArgument.field(f"statuses[{n}]", "not a generation status")
+            statuses.append(convert.status_name(status))
+        before = decode_token(request.page_token) if request.page_token else None
+        rows = await self.queue.page(
+            current_principal.get(),
+            limit=size + 1,
+            statuses=statuses,
+            template=request.template or None,
+            before=before,
+        )
+        page = rows[:size]
+        token = encode_token(page[-1]["created_at"], page[-1]["id"]) if len(rows) > size else ""
+        return gen.ListGenerationsResponse(
+            generations=[convert.generation(r) for r in page], next_page_token=token
+        )
+
+    async def CancelGeneration(
+        self, request: gen.CancelGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> gen.CancelGenerationResponse:
+        row, changed = await self.queue.cancel(parse_id(request.id), current_principal.get())
+        if not changed:
+            raise FailedPrecondition(
+                f"generation {row['id']} is already {row['status']}",
+                reason=Reason.ALREADY_TERMINAL.value,
+            )
+        handle = self.workers.workers.get(row["worker"] or "")
+        if row["status"] in ("DISPATCHED", "RUNNING") and handle is not None:
+            # Straight to the worker: the owner may be another replica.
+            await self.dispatcher.cancel_in_worker(handle, row["prompt_id"])
+        return gen.CancelGenerationResponse(generation=convert.generation(row))
+
+    async def GetGenerationImage(
+        self, request: gen.GetGenerationImageRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gen.GetGenerationImageResponse]:
+        row = await self.queue.get(parse_id(request.id), current_principal.get())
+        if row["status"] != "COMPLETED":
+            raise FailedPrecondition(
+                f"generation is {row['status']}, not COMPLETED", reason=Reason.NOT_COMPLETED.value
+            )
+        images = convert.outputs(row["outputs"])
+        if not 0 <= request.index < len(images):
+            raise InvalidArgument.field("index", f"between 0 and {len(images) - 1}")
+        image = images[request.index]
+        path = self.store.resolve(image.path)
+        if path is None:
+            raise NotFound(
+                "the image is no longer in the store", reason=Reason.IMAGE_NOT_FOUND.value
+            )
+        with path.open("rb") as handle:
+            first = True
+            while chunk := handle.read(CHUNK):
+                yield gen.GetGenerationImageResponse(image=image if first else None, data=chunk)
+                first = False
+
+    async def WatchGeneration(
+        self, request: gen.WatchGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gen.WatchGenerationResponse]:
+        generation_id = parse_id(request.id)
+        row = await self.queue.get(generation_id, current_principal.get())
+        if not 0 <= request.after_sequence <= row["last_event_seq"]:
+            raise InvalidArgument.field(
+                "after_sequence", f"between 0 and {row['last_event_seq']} (the last event)"
+            )
+        snapshot = convert.generation(row, await self.queue.queue_position(row))
+        yield gen.WatchGenerationResponse(snapshot=snapshot)
+        after = request.after_sequence or row["last_event_seq"]
+        if snapshot.status in convert.TERMINAL_STATUSES and after >= row["last_event_seq"]:
+            return
+        async for event in self.hub.watch(generation_id, after):
+            yield gen.WatchGenerationResponse(event=convert.event(event))
+
+    async def WatchGenerations(
+        self, request: gen.WatchGenerationsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gen.WatchGenerationsResponse]:
+        for n, status in enumerate(request.statuses):
+            if status not in gen.GenerationStatus.values() or status == 0:
+                raise InvalidArgument.field(f"statuses[{n}]", "not a generation status")
+        wanted = set(request.statuses)
+        with self.hub.watch_principal(current_principal.get()) as sub:
+            while (event := await sub.events.get()) is not None:
+                message = convert.event(event)
+                if wanted and message.status not in wanted:
+                    continue
+                if request.template and event["template"] != request.template:
+                    continue
+                yield gen.WatchGenerationsResponse(event=message)
+
+    async def ListTemplates(
+        self, request: gen.ListTemplatesRequest, context: grpc.aio.ServicerContext
+    ) -> gen.ListTemplatesResponse:
+        return gen.ListTemplatesResponse(templates=[to_proto(t) for t in self.library.templates()])
+
+    async def GetStats(
+        self, request: gen.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> gen.GetStatsResponse:
+        counts = await self.queue.counts()
+        return gen.GetStatsResponse(
+            queue=[
+                gen.StatusCount(status=convert.status_value(name), count=n)
+                for name, n in sorted(counts.items())
+            ],
+            workers=[
+                gen.WorkerState(
+                    name=h.name,
+                    address=h.address,
+                    serving=h.serving,
+                    slots_total=h.slots,
+                    slots_used=h.in_use,
+                    last_checkpoint=h.last_checkpoint or "",
+                )
+                for h in self.workers.workers.values()
+            ],
+            dispatch_paused=self.dispatcher.paused is not None,
+            pause_reason=self.dispatcher.paused or "",
+        )

@@ -1,0 +1,76 @@
+"""A generation's life through real GenerationService, worker and simulator."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from services.contracts import gen
+from tests.fixtures.generation import GenerationClient
+
+
+async def test_a_generation_runs_to_completion_and_its_image_is_stored(
+    generation_service: GenerationClient,
+) -> None:
+    created = await generation_service.create("a red fox", steps=3)
+    assert created.status == gen.GENERATION_STATUS_QUEUED
+    assert created.queue_position == 1
+
+    done = await generation_service.wait(created.id)
+
+    assert done.status == gen.GENERATION_STATUS_COMPLETED, done.error
+    (image,) = done.outputs
+    assert Path(image.path) == generation_service.outputs.resolve() / f"{done.id}.png"
+    assert Path(image.path).read_bytes().startswith(b"\x89PNG")
+    assert image.size_bytes == Path(image.path).stat().st_size
+    assert done.worker == "gpu0" and done.prompt_id and done.attempts == 1
+    assert done.parameters["prompt"].string_value == "a red fox"
+    assert done.parameters["steps"].int_value == 3
+    assert done.HasField("complete_time") and done.duration_ms >= 0
+
+    chunks = [
+        c
+        async for c in generation_service.stub.GetGenerationImage(
+            gen.GetGenerationImageRequest(id=done.id)
+        )
+    ]
+    assert chunks[0].image.path == image.path
+    assert b"".join(c.data for c in chunks) == Path(image.path).read_bytes()
+
+
+async def test_watch_gives_the_snapshot_then_every_event_in_order(
+    generation_service: GenerationClient,
+) -> None:
+    generation_service.simulator.sim.set_step_seconds(0.05)
+    created = await generation_service.create(steps=4)
+    items = [
+        item
+        async for item in generation_service.stub.WatchGeneration(
+            gen.WatchGenerationRequest(id=created.id)
+        )
+    ]
+    assert items[0].HasField("snapshot")
+    events = [i.event for i in items[1:]]
+    sequences = [e.sequence for e in events]
+    assert sequences == list(range(items[0].snapshot.last_event_sequence + 1, sequences[-1] + 1))
+    assert events[-1].type == gen.EVENT_TYPE_COMPLETED
+    types = [e.type for e in events]
+    assert gen.EVENT_TYPE_STARTED in types
+    assert [e.progress.value for e in events if e.type == gen.EVENT_TYPE_PROGRESS] == [1, 2, 3, 4]
+
+    replay = [
+        item
+        async for item in generation_service.stub.WatchGeneration(
+            gen.WatchGenerationRequest(id=created.id, after_sequence=1)
+        )
+    ]
+    assert [i.event.sequence for i in replay[1:]] == list(range(2, sequences[-1] + 1))
+
+
+async def test_many_generations_all_complete_once(generation_service: GenerationClient) -> None:
+    created = await asyncio.gather(
+        *(generation_service.create(f"n{i}", steps=1) for i in range(12))
+    )
+    done = [await generation_service.wait(c.id) for c in created]
+    assert all(d.status == gen.GENERATION_STATUS_COMPLETED for d in done)
+    assert len(generation_service.simulator.sim.runs) == 12
