@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from services.database import DatabaseUnreachable, connect, migrate
+from services.errors import LocknError
 from services.log import configure_logging
 from services.settings import Settings, SettingsError, load_settings
 
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level, settings.log_format)
         result = args.run(settings, args)
         if isinstance(result, Coroutine):
-            asyncio.run(result)
+            result = asyncio.run(result)
     except (SettingsError, DatabaseUnreachable) as error:
         print(f"lockn-gen: {error}", file=sys.stderr)
         return 2
@@ -117,7 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"lockn-gen: {error.code().name}: {error.details()}", file=sys.stderr)
         return 2
-    return 0
+    except LocknError as error:
+        print(f"error: {error.reason}: {error.message}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -161,6 +161,8 @@ class Settings(BaseSettings):
     auth_tokens: dict[str, str] = Field(default_factory=dict)
     # GenerationService presents it; ComfyWorker accepts only it (when set).
     worker_token: SecretStr | None = None
+    # What the CLI presents to GenerationService.
+    client_token: SecretStr | None = None
     tls: TlsSettings = Field(default_factory=TlsSettings)
     generation_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9101
     worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9102

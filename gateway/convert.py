@@ -1,0 +1,114 @@
+"""JSON shapes of the HTTP API: requests in, protobuf messages out, with
+lower-case status and event names as HTTP clients expect."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from services.contracts import gen
+from services.errors import InvalidArgument
+
+STATUS_PREFIX = "GENERATION_STATUS_"
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=False
+    )
+    lowered: dict[str, Any] = _lower_enums(data)
+    return lowered
+
+
+def _lower_enums(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lower_enums(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_lower_enums(v) for v in value]
+    if isinstance(value, str):
+        for prefix in (STATUS_PREFIX, "EVENT_TYPE_", "PARAMETER_TYPE_"):
+            if value.startswith(prefix):
+                return value.removeprefix(prefix).lower()
+    return value
+
+
+def parameter(name: str, value: Any) -> gen.ParameterValue:
+    """JSON value → typed parameter; {"image": name} names an input image."""
+    if isinstance(value, bool):
+        return gen.ParameterValue(bool_value=value)
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise InvalidArgument.field(f"parameters.{name}", "integer out of the 64-bit range")
+        return gen.ParameterValue(int_value=value)
+    if isinstance(value, float):
+        return gen.ParameterValue(number_value=value)
+    if isinstance(value, str):
+        return gen.ParameterValue(string_value=value)
+    if isinstance(value, dict) and set(value) == {"image"} and isinstance(value["image"], str):
+        return gen.ParameterValue(image_name=value["image"])
+    raise InvalidArgument.field(
+        f"parameters.{name}", 'a string, number, boolean or {"image": "<input image name>"}'
+    )
+
+
+def create_request(body: Any) -> gen.CreateGenerationRequest:
+    if not isinstance(body, dict):
+        raise InvalidArgument.field("body", "a JSON object")
+    known = {"template", "parameters", "priority", "request_id", "timeout_seconds", "input_images"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise InvalidArgument.field(
+            unknown[0], f"unknown field (known: {', '.join(sorted(known))})"
+        )
+    request = gen.CreateGenerationRequest(
+        template=_typed(body, "template", str, "sd15-txt2img"),
+        priority=_typed(body, "priority", int, 0, bounds=(-(2**31), 2**31 - 1)),
+        request_id=_typed(body, "request_id", str, ""),
+        timeout_seconds=_typed(body, "timeout_seconds", int, 0, bounds=(0, 2**32 - 1)),
+    )
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidArgument.field("parameters", "a JSON object")
+    for name, value in parameters.items():
+        request.parameters[name].CopyFrom(parameter(name, value))
+    images = body.get("input_images", [])
+    if not isinstance(images, list):
+        raise InvalidArgument.field("input_images", "a list")
+    for n, image in enumerate(images):
+        if not isinstance(image, dict) or not isinstance(image.get("name"), str):
+            raise InvalidArgument.field(f"input_images[{n}]", '{"name": ..., "data_base64": ...}')
+        try:
+            data = base64.b64decode(str(image.get("data_base64", "")), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidArgument.field(f"input_images[{n}].data_base64", "not base64") from None
+        request.input_images.append(gen.InputImage(name=image["name"], data=data))
+    return request
+
+
+def _typed(
+    body: dict[str, Any],
+    key: str,
+    kind: type,
+    default: Any,
+    bounds: tuple[int, int] | None = None,
+) -> Any:
+    value = body.get(key, default)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise InvalidArgument.field(key, f"must be a {kind.__name__}")
+    if bounds is not None and isinstance(value, int) and not bounds[0] <= value <= bounds[1]:
+        raise InvalidArgument.field(key, f"between {bounds[0]} and {bounds[1]}")
+    return value
+
+
+def statuses(raw: str) -> list[gen.GenerationStatus.ValueType]:
+    found = []
+    for name in filter(None, (part.strip() for part in raw.split(","))):
+        try:
+            found.append(gen.GenerationStatus.Value(STATUS_PREFIX + name.upper()))
+        except ValueError:
+            raise InvalidArgument.field("status", f"unknown status {name[:40]!r}") from None
+    return found

@@ -1,0 +1,260 @@
+"""`lockn-gen gateway`: GenerationService over HTTP/JSON, with server-sent
+events for status streams. The caller's bearer token is passed through, so
+GenerationService alone decides who sees what."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway import convert
+from services.contracts import gen, gen_grpc
+from services.errors import InvalidArgument, LocknError, ResourceExhausted, from_rpc_error
+from services.grpc_server import open_channel
+from services.log import get_logger
+from services.settings import Settings
+
+log = get_logger(component="gateway")
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+STUB = web.AppKey("stub", gen_grpc.GenerationServiceStub)
+CHANNEL = web.AppKey("channel", grpc.aio.Channel)
+
+
+def _stub(request: web.Request) -> gen_grpc.GenerationServiceStub:
+    return request.app[STUB]
+
+
+def _metadata(request: web.Request) -> list[tuple[str, str]]:
+    header = request.headers.get("Authorization", "")
+    return [("authorization", header)] if header else []
+
+
+def error_response(error: LocknError, status: int) -> web.Response:
+    body: dict[str, Any] = {"error": {"reason": error.reason, "message": error.message}}
+    if isinstance(error, InvalidArgument):
+        body["error"]["field_violations"] = [
+            {"field": field, "description": why} for field, why in error.violations
+        ]
+    headers = {}
+    if isinstance(error, ResourceExhausted):
+        headers["Retry-After"] = str(max(1, round(error.retry_after_seconds)))
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except grpc.aio.AioRpcError as rpc:
+        return error_response(from_rpc_error(rpc), HTTP_STATUS.get(rpc.code(), 502))
+    except InvalidArgument as error:
+        return error_response(error, 400)
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument.field("body", "not valid JSON") from None
+
+
+async def create(request: web.Request) -> web.Response:
+    message = convert.create_request(await _json_body(request))
+    reply = await _stub(request).CreateGeneration(message, metadata=_metadata(request))
+    body = convert.to_json(reply.generation)
+    location = f"/api/generations/{reply.generation.id}"
+    return web.json_response(
+        body, status=202 if reply.created else 200, headers={"Location": location}
+    )
+
+
+async def get(request: web.Request) -> web.Response:
+    reply = await _stub(request).GetGeneration(
+        gen.GetGenerationRequest(id=request.match_info["id"]), metadata=_metadata(request)
+    )
+    return web.json_response(convert.to_json(reply.generation))
+
+
+async def list_generations(request: web.Request) -> web.Response:
+    size = request.query.get("page_size", "0")
+    if not size.isdigit() or int(size) > 2**31 - 1:
+        raise InvalidArgument.field("page_size", "a non-negative integer")
+    reply = await _stub(request).ListGenerations(
+        gen.ListGenerationsRequest(
+            page_size=int(size),
+            page_token=request.query.get("page_token", ""),
+            statuses=convert.statuses(request.query.get("status", "")),
+            template=request.query.get("template", ""),
+        ),
+        metadata=_metadata(request),
+    )
+    return web.json_response(convert.to_json(reply))
+
+
+async def cancel(request: web.Request) -> web.Response:
+    reply = await _stub(request).CancelGeneration(
+        gen.CancelGenerationRequest(id=request.match_info["id"]), metadata=_metadata(request)
+    )
+    return web.json_response(convert.to_json(reply.generation))
+
+
+async def image(request: web.Request) -> web.StreamResponse:
+    index = request.query.get("index", "0")
+    if not index.isdigit() or int(index) > 1000:
+        raise InvalidArgument.field("index", "a non-negative integer")
+    call = _stub(request).GetGenerationImage(
+        gen.GetGenerationImageRequest(id=request.match_info["id"], index=int(index)),
+        metadata=_metadata(request),
+    )
+    response: web.StreamResponse | None = None
+    async for chunk in call:
+        if response is None:
+            # Images never change once stored: the id and index are a strong tag.
+            etag = f'"{request.match_info["id"]}-{index}"'
+            if request.headers.get("If-None-Match") == etag:
+                call.cancel()
+                return web.Response(status=304, headers={"ETag": etag})
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": chunk.image.content_type or "application/octet-stream",
+                    "Content-Length": str(chunk.image.size_bytes),
+                    "ETag": etag,
+                    "Cache-Control": "private, max-age=31536000, immutable",
+                }
+            )
+            await response.prepare(request)
+        await response.write(chunk.data)
+    if response is None:
+        return web.Response(status=204)
+    await response.write_eof()
+    return response
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the snapshot, then each event; resume with Last-Event-ID."""
+    last = request.headers.get("Last-Event-ID") or request.query.get("after", "0")
+    if not last.isdigit():
+        raise InvalidArgument.field("Last-Event-ID", "an event sequence number")
+    call = _stub(request).WatchGeneration(
+        gen.WatchGenerationRequest(id=request.match_info["id"], after_sequence=int(last)),
+        metadata=_metadata(request),
+    )
+    response: web.StreamResponse | None = None
+    try:
+        async for item in call:
+            if response is None:
+                response = web.StreamResponse(
+                    headers={
+                        "Content-Type": "text/event-stream",
+                        "Cache-Control": "no-cache",
+                        "X-Accel-Buffering": "no",
+                    }
+                )
+                await response.prepare(request)
+            kind = item.WhichOneof("item")
+            payload = convert.to_json(item)
+            sequence = item.event.sequence if kind == "event" else item.snapshot.last_event_sequence
+            frame = f"id: {sequence}\nevent: {kind}\ndata: {json.dumps(payload)}\n\n"
+            await response.write(frame.encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        call.cancel()
+        raise
+    if response is None:
+        return web.Response(status=204)
+    await response.write_eof()
+    return response
+
+
+async def templates(request: web.Request) -> web.Response:
+    reply = await _stub(request).ListTemplates(
+        gen.ListTemplatesRequest(), metadata=_metadata(request)
+    )
+    return web.json_response(convert.to_json(reply))
+
+
+async def stats(request: web.Request) -> web.Response:
+    reply = await _stub(request).GetStats(gen.GetStatsRequest(), metadata=_metadata(request))
+    return web.json_response(convert.to_json(reply))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when GenerationService says it is serving."""
+    health = health_pb2_grpc.HealthStub(request.app[CHANNEL])
+    try:
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.aio.AioRpcError:
+        serving = False
+    return web.json_response(
+        {"status": "ready" if serving else "not ready"}, status=200 if serving else 503
+    )
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=settings.gateway_max_body_bytes)
+    channel = open_channel(
+        settings.generation_address,
+        tls=settings.tls,
+        max_message_bytes=settings.grpc_max_message_bytes,
+    )
+    app[CHANNEL] = channel
+    app[STUB] = gen_grpc.GenerationServiceStub(channel)
+    app.router.add_post("/api/generations", create)
+    app.router.add_get("/api/generations", list_generations)
+    app.router.add_get("/api/generations/{id}", get)
+    app.router.add_post("/api/generations/{id}/cancel", cancel)
+    app.router.add_get("/api/generations/{id}/image", image)
+    app.router.add_get("/api/generations/{id}/events", events)
+    app.router.add_get("/api/templates", templates)
+    app.router.add_get("/api/stats", stats)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+    async def close_channel(app: web.Application) -> None:
+        await channel.close()
+
+    app.on_cleanup.append(close_channel)
+    return app
+
+
+async def start_gateway(settings: Settings, listen: str | None = None) -> web.AppRunner:
+    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    host, _, port = (listen or settings.gateway_listen).rpartition(":")
+    await web.TCPSite(runner, host, int(port)).start()
+    return runner
+
+
+async def serve(settings: Settings, args: argparse.Namespace) -> None:
+    runner = await start_gateway(settings)
+    log.info("gateway_ready", listen=settings.gateway_listen, upstream=settings.generation_address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()

@@ -1,0 +1,129 @@
+"""The HTTP/JSON gateway against a real GenerationService."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.fixtures.generation import GenerationClient
+
+
+async def create(gateway: aiohttp.ClientSession, **parameters: Any) -> dict[str, Any]:
+    body = {"template": "sd15-txt2img", "parameters": {"prompt": "a cat", "steps": 2, **parameters}}
+    async with gateway.post("/api/generations", json=body) as reply:
+        assert reply.status == 202, await reply.text()
+        created: dict[str, Any] = await reply.json()
+        assert reply.headers["Location"] == f"/api/generations/{created['id']}"
+    return created
+
+
+async def events(gateway: aiohttp.ClientSession, generation_id: str, **headers: str) -> list[Any]:
+    frames = []
+    async with gateway.get(f"/api/generations/{generation_id}/events", headers=headers) as reply:
+        assert reply.status == 200 and reply.content_type == "text/event-stream"
+        async for raw in reply.content:
+            line = raw.decode().strip()
+            if line.startswith("data:"):
+                frames.append(json.loads(line[5:]))
+    return frames
+
+
+async def test_create_follow_and_download_over_http(
+    gateway: aiohttp.ClientSession, generation_service: GenerationClient
+) -> None:
+    created = await create(gateway, steps=3)
+    assert created["status"] == "queued"
+
+    frames = await events(gateway, created["id"])
+    assert "snapshot" in frames[0]
+    assert frames[-1]["event"]["type"] == "completed"
+    steps = [
+        f["event"]["progress"]["value"] for f in frames[1:] if f["event"]["type"] == "progress"
+    ]
+    assert steps == [1, 2, 3]
+
+    async with gateway.get(f"/api/generations/{created['id']}") as reply:
+        final = await reply.json()
+    assert final["status"] == "completed"
+    path = Path(final["outputs"][0]["path"])
+    async with gateway.get(f"/api/generations/{created['id']}/image") as reply:
+        assert reply.status == 200 and reply.content_type == "image/png"
+        assert await reply.read() == path.read_bytes()
+        etag = reply.headers["ETag"]
+    async with gateway.get(
+        f"/api/generations/{created['id']}/image", headers={"If-None-Match": etag}
+    ) as reply:
+        assert reply.status == 304
+
+    resumed = await events(gateway, created["id"], **{"Last-Event-ID": "2"})
+    assert resumed[1]["event"]["sequence"] == "3"
+
+
+async def test_bad_requests_name_the_field(gateway: aiohttp.ClientSession) -> None:
+    cases: list[tuple[Any, int, str]] = [
+        (
+            {"template": "sd15-txt2img", "parameters": {"prompt": "x", "steps": 0}},
+            400,
+            "parameters.steps",
+        ),
+        (
+            {"template": "sd15-txt2img", "parameters": {"prompt": "x", "nope": 1}},
+            400,
+            "parameters.nope",
+        ),
+        (
+            {"template": "sd15-txt2img", "parameters": {"prompt": "x"}, "priority": "high"},
+            400,
+            "priority",
+        ),
+        ({"template": "sd15-txt2img", "parameters": {"prompt": ["x"]}}, 400, "parameters.prompt"),
+        ([1, 2], 400, "body"),
+    ]
+    for body, status, field in cases:
+        async with gateway.post("/api/generations", json=body) as reply:
+            assert reply.status == status, (body, await reply.text())
+            error = (await reply.json())["error"]
+            assert error["field_violations"][0]["field"] == field
+    async with gateway.post("/api/generations", data=b"{not json") as reply:
+        assert reply.status == 400
+    async with gateway.get("/api/generations/not-a-uuid") as reply:
+        assert reply.status == 400
+    async with gateway.get("/api/generations/00000000-0000-0000-0000-000000000000") as reply:
+        assert reply.status == 404
+    async with gateway.get("/api/generations?page_token=garbage") as reply:
+        assert reply.status == 400
+    async with gateway.get("/api/generations?status=bogus") as reply:
+        assert reply.status == 400
+    async with gateway.get("/api/generations") as reply:
+        assert (await reply.json()) == {}  # nothing was created by any bad request
+
+
+async def test_listing_templates_stats_and_health(gateway: aiohttp.ClientSession) -> None:
+    await create(gateway)
+    async with gateway.get("/api/generations?page_size=10") as reply:
+        listed = await reply.json()
+    assert len(listed["generations"]) == 1
+    async with gateway.get("/api/templates") as reply:
+        names = [t["name"] for t in (await reply.json())["templates"]]
+    assert "sd15-txt2img" in names
+    async with gateway.get("/api/stats") as reply:
+        assert (await reply.json())["workers"][0]["name"] == "gpu0"
+    async with gateway.get("/readyz") as reply:
+        assert reply.status == 200
+
+
+async def test_cancel_over_http(
+    gateway: aiohttp.ClientSession, generation_service: GenerationClient
+) -> None:
+    generation_service.simulator.sim.set_step_seconds(0.2)
+    await create(gateway, steps=50)
+    await create(gateway, steps=50, seed=2)  # waits in ComfyUI's queue (lookahead)
+    queued = await create(gateway, steps=50, seed=3)
+    async with gateway.post(f"/api/generations/{queued['id']}/cancel") as reply:
+        assert reply.status == 200
+        assert (await reply.json())["status"] == "cancelled"
+    async with gateway.post(f"/api/generations/{queued['id']}/cancel") as reply:
+        assert reply.status == 409
