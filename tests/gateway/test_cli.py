@@ -48,7 +48,7 @@ async def test_generate_prints_the_image_path_and_json_for_scripts(
 
 
 async def test_errors_are_one_line_with_the_reason(generation_service: GenerationClient) -> None:
-    code, out, err = await lockn(generation_service, "generate", "x", "--param", "steps=0")
+    code, _out, err = await lockn(generation_service, "generate", "x", "--param", "steps=0")
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("error: INVALID_ARGUMENT")
     assert "parameters.steps" in err
