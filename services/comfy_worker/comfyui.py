@@ -133,8 +133,8 @@ class ComfyUIClient:
 
     # ----- the routes -------------------------------------------------------------
 
-    async def system_stats(self, *, retry: bool = True) -> JsonDict:
-        result: JsonDict = await self._json("GET", "/system_stats", retry=retry)
+    async def system_stats(self, *, retry: bool = True, timeout: float | None = None) -> JsonDict:
+        result: JsonDict = await self._json("GET", "/system_stats", retry=retry, timeout=timeout)
         return result
 
     async def features(self) -> JsonDict:
@@ -253,10 +253,20 @@ class ComfyUIClient:
     # ----- transport -----------------------------------------------------------------
 
     async def _json(
-        self, method: str, path: str, *, body: JsonDict | None = None, retry: bool = True
+        self,
+        method: str,
+        path: str,
+        *,
+        body: JsonDict | None = None,
+        retry: bool = True,
+        timeout: float | None = None,
     ) -> Any:
+        limit = aiohttp.ClientTimeout(total=timeout, sock_connect=timeout) if timeout else None
+
         async def send() -> Any:
-            async with self.session.request(method, self.url(path), json=body) as response:
+            async with self.session.request(
+                method, self.url(path), json=body, timeout=limit
+            ) as response:
                 await self._raise_for_transient(path, response)
                 await self._raise_for_client_error(path, response)
                 text = await response.text()

@@ -81,7 +81,7 @@ async def _follow_comfyui(client: ComfyUIClient, server: RunningServer) -> None:
     serving: bool | None = None
     while True:
         try:
-            await client.system_stats(retry=False)
+            await client.system_stats(retry=False, timeout=HEALTH_INTERVAL)
             up = True
         except ComfyUIUnreachable as error:
             up = False
