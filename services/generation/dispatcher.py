@@ -308,20 +308,32 @@ class Dispatcher:
             )
         ):
             job.cancel_sent = True
-            task = asyncio.create_task(self.cancel_in_worker(job.handle, row["prompt_id"]))
+            task = asyncio.create_task(self._cancel_job(job, row["prompt_id"]))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return row
 
-    async def cancel_in_worker(self, handle: WorkerHandle, prompt_id: str | None) -> None:
+    async def _cancel_job(self, job: Job, prompt_id: str | None) -> None:
+        outcome = await self.cancel_in_worker(job.handle, prompt_id)
+        if outcome not in (worker.CANCEL_OUTCOME_DELETED, worker.CANCEL_OUTCOME_INTERRUPTED):
+            # Not in ComfyUI yet (the Execute may still be on its way): try again
+            # on the job's next event rather than let it run to the end.
+            job.cancel_sent = False
+
+    async def cancel_in_worker(
+        self, handle: WorkerHandle, prompt_id: str | None
+    ) -> worker.CancelOutcome.ValueType | None:
         if not prompt_id:
-            return
+            return None
         try:
-            await handle.stub.Cancel(
+            reply = await handle.stub.Cancel(
                 worker.CancelRequest(prompt_id=prompt_id), metadata=handle.metadata, timeout=10
             )
         except grpc.aio.AioRpcError as error:
             log.warning("cancel_failed", prompt_id=prompt_id, error=error.code().name)
+            return None
+        outcome: worker.CancelOutcome.ValueType = reply.outcome
+        return outcome
 
     # ----- leases and housekeeping -------------------------------------------------------
 
