@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -74,6 +75,9 @@ class EventHub:
         self._by_principal: dict[str, set[PrincipalSubscription]] = {}
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        # The latest delivery of each generation: the next one hands its event
+        # over only after it, so subscribers get each generation's events in order.
+        self._latest: dict[uuid.UUID, asyncio.Task[None]] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen_forever(), name="event-listener")
@@ -186,18 +190,34 @@ class EventHub:
         generation_id = uuid.UUID(generation)
         if generation_id not in self._by_generation and principal not in self._by_principal:
             return
-        task = asyncio.create_task(self._deliver(generation_id, int(seq), principal))
+        previous = self._latest.get(generation_id)
+        task = asyncio.create_task(self._deliver(generation_id, int(seq), principal, previous))
+        self._latest[generation_id] = task
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        task.add_done_callback(functools.partial(self._forget, generation_id))
 
-    async def _deliver(self, generation_id: uuid.UUID, seq: int, principal: str) -> None:
+    def _forget(self, generation_id: uuid.UUID, task: asyncio.Task[None]) -> None:
+        if self._latest.get(generation_id) is task:
+            del self._latest[generation_id]
+
+    async def _deliver(
+        self,
+        generation_id: uuid.UUID,
+        seq: int,
+        principal: str,
+        previous: asyncio.Task[None] | None = None,
+    ) -> None:
         try:
             event = await self.queue.event(generation_id, seq)
         except Exception as error:  # the subscribers catch up from the table instead
             log.warning("event_read_failed", error=str(error))
+            event = None
             for sub in self._by_generation.get(generation_id, ()):
                 sub.mark_behind()
-            return
+        # Reads run concurrently; hand-overs keep the notification order.
+        if previous is not None:
+            await asyncio.wait([previous])  # however it ended
         if event is None:
             return
         for sub in list(self._by_generation.get(generation_id, ())):
