@@ -207,7 +207,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             )
         snapshot = convert.generation(row, await self.queue.queue_position(row))
         yield gen.WatchGenerationResponse(snapshot=snapshot)
-        after = request.after_sequence or row["last_event_seq"]
+        after = request.after_sequence
         if snapshot.status in convert.TERMINAL_STATUSES and after >= row["last_event_seq"]:
             return
         async for event in self.hub.watch(generation_id, after):

@@ -52,7 +52,9 @@ async def test_watch_gives_the_snapshot_then_every_event_in_order(
     assert items[0].HasField("snapshot")
     events = [i.event for i in items[1:]]
     sequences = [e.sequence for e in events]
-    assert sequences == list(range(items[0].snapshot.last_event_sequence + 1, sequences[-1] + 1))
+    # after_sequence 0: every stored event, from the first, with no gap.
+    assert sequences == list(range(1, sequences[-1] + 1))
+    assert events[0].type == gen.EVENT_TYPE_CREATED
     assert events[-1].type == gen.EVENT_TYPE_COMPLETED
     types = [e.type for e in events]
     assert gen.EVENT_TYPE_STARTED in types
