@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 # Dispatch resumes once this much is free again (room for a few large images).
-RESUME_FREE_BYTES = 32 * 1024 * 1024
+RESUME_FREE_BYTES = 8 * 1024 * 1024
 
 
 class StorageFull(Exception):
