@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import uuid
 from dataclasses import dataclass
 
 from services import metrics
@@ -24,6 +25,7 @@ from services.settings import Settings
 log = get_logger(component="comfy_worker")
 SERVICE_NAME = "lockn.comfyworker.v1.ComfyWorkerService"
 HEALTH_INTERVAL = 2.0
+CLIENT_NAMESPACE = uuid.UUID("6f1d2c0e-7a44-4c59-9a1e-2b8f3d5e9c70")
 
 
 @dataclass
@@ -54,11 +56,16 @@ async def start_worker(settings: Settings, listen: str | None = None) -> Running
         retry=settings.retry,
         connections=max(8, 4 * comfy.max_concurrent_generations),
     )
-    tracker = Tracker(client, poll_interval=comfy.poll_interval_ms / 1000)
+    listen = listen or settings.worker_listen
+    tracker = Tracker(
+        client,
+        client_id=stable_client_id(str(comfy.base_url), listen),
+        poll_interval=comfy.poll_interval_ms / 1000,
+    )
     executor = Executor(client, tracker, default_timeout=comfy.timeout_seconds)
     token = settings.worker_token.get_secret_value() if settings.worker_token else None
     server = await start_server(
-        listen or settings.worker_listen,
+        listen,
         [
             Service(
                 SERVICE_NAME,
@@ -75,6 +82,18 @@ async def start_worker(settings: Settings, listen: str | None = None) -> Running
     tracker.start()
     monitor = asyncio.create_task(_follow_comfyui(client, server), name="comfyui-health")
     return RunningWorker(server, client, tracker, executor, monitor)
+
+
+def stable_client_id(comfyui_url: str, listen: str) -> str | None:
+    """The websocket clientId of the worker at `listen` in front of this ComfyUI.
+
+    ComfyUI sends a prompt's frames to the clientId that queued it, so a worker
+    restarted in the same place keeps receiving its earlier prompts' progress.
+    An ephemeral port is no place: such a worker gets a random clientId.
+    """
+    if listen.endswith(":0"):
+        return None
+    return f"lockn-{uuid.uuid5(CLIENT_NAMESPACE, f'{comfyui_url}|{listen}').hex}"
 
 
 async def _follow_comfyui(client: ComfyUIClient, server: RunningServer) -> None:

@@ -1,11 +1,14 @@
 """One /ws connection per worker, routing ComfyUI's messages to the prompts
 being followed, so completion is pushed, not polled.
 
-ComfyUI drops frames sent while a socket is down. So whenever the socket
-(re)opens, and every PollIntervalMs while none can be opened, each prompt
-being followed is reconciled with /history/{id} and /queue: a prompt that
-finished meanwhile gets its history entry, one ComfyUI no longer knows (a
-restart lost it) is reported lost. Nothing waits forever.
+ComfyUI drops frames sent while a socket is down, and sends a prompt's
+frames only to the clientId that queued it. So the clientId is stable across
+restarts of the same worker, and whenever the socket (re)opens, every
+PollIntervalMs while none can be opened, and for any prompt quiet for a
+PollIntervalMs (queued by an earlier socket), each prompt being followed is
+reconciled with /history/{id} and /queue: a prompt that finished meanwhile
+gets its history entry, one ComfyUI no longer knows (a restart lost it) is
+reported lost. Nothing waits forever.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -38,9 +42,14 @@ class PromptStream:
     def __init__(self, prompt_id: str) -> None:
         self.prompt_id = prompt_id
         self.messages: asyncio.Queue[JsonDict] = asyncio.Queue()
+        self.heard = time.monotonic()
 
     def put(self, kind: str, data: Any) -> None:
-        self.messages.put_nowait({"type": kind, "data": data})
+        self.deliver({"type": kind, "data": data})
+
+    def deliver(self, message: JsonDict) -> None:
+        self.heard = time.monotonic()
+        self.messages.put_nowait(message)
 
     async def get(self) -> JsonDict:
         return await self.messages.get()
@@ -51,34 +60,38 @@ class Tracker:
         self,
         client: ComfyUIClient,
         *,
+        client_id: str | None = None,
         poll_interval: float = 2.0,
         reconnect_max: float = 5.0,
     ) -> None:
         self.client = client
-        self.client_id = f"lockn-{uuid.uuid4().hex}"
+        self.client_id = client_id or f"lockn-{uuid.uuid4().hex}"
         self.poll_interval = poll_interval
         self.reconnect_max = reconnect_max
         self.connected = asyncio.Event()
         self._streams: dict[str, PromptStream] = {}
         # Messages for prompts not followed yet (a stream opened after POST /prompt).
         self._early: OrderedDict[str, list[JsonDict]] = OrderedDict()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="comfyui-websocket")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="comfyui-websocket"),
+            asyncio.create_task(self._poll_quiet(), name="comfyui-quiet-prompts"),
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     @contextlib.contextmanager
     def follow(self, prompt_id: str) -> Iterator[PromptStream]:
         stream = PromptStream(prompt_id)
         self._streams[prompt_id] = stream
         for message in self._early.pop(prompt_id, []):
-            stream.messages.put_nowait(message)
+            stream.deliver(message)
         try:
             yield stream
         finally:
@@ -94,6 +107,7 @@ class Tracker:
         stream = self._streams.get(prompt_id)
         if stream is None:
             return
+        stream.heard = time.monotonic()
         entry = await self.client.history(prompt_id)
         if entry is None:
             queue = await self.client.queue()
@@ -112,6 +126,20 @@ class Tracker:
                 await self.reconcile(prompt_id)
             except ComfyUIUnreachable:
                 return
+
+    async def _poll_quiet(self) -> None:
+        """Reconcile prompts that sent nothing for a poll interval: their frames
+        may go to a socket that no longer exists (a worker restart)."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            if not self.connected.is_set():
+                continue  # _run polls everything while the socket is down
+            now = time.monotonic()
+            for prompt_id in self.followed:
+                stream = self._streams.get(prompt_id)
+                if stream is not None and now - stream.heard >= self.poll_interval:
+                    with contextlib.suppress(ComfyUIUnreachable):
+                        await self.reconcile(prompt_id)
 
     async def _run(self) -> None:
         delay = 0.1
@@ -152,7 +180,7 @@ class Tracker:
             return  # `status` and other broadcasts
         stream = self._streams.get(prompt_id)
         if stream is not None:
-            stream.messages.put_nowait(message)
+            stream.deliver(message)
             return
         self._early.setdefault(prompt_id, []).append(message)
         while len(self._early) > EARLY_PROMPTS:

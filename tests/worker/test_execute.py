@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.comfy_worker.executor import prompt_id_for
+from services.comfy_worker.server import stable_client_id
 from services.contracts import worker
 from services.generation.templates import ImageRef, TemplateLibrary
 from tests.fixtures.simulator import RunningSimulator, StartSimulator
@@ -195,6 +196,39 @@ async def test_attach_follows_a_running_prompt_to_the_end(
     ]
     assert attached[-1].HasField("completed") and len(images(attached)) == 1
     assert len(comfyui_simulator.sim.runs) == 1
+
+
+async def test_a_new_worker_follows_a_prompt_queued_by_a_dead_one(
+    worker_factory: StartWorker, comfyui_simulator: RunningSimulator
+) -> None:
+    # ComfyUI sends a prompt's frames only to the clientId that queued it: the
+    # new worker hears nothing and must find the end by asking ComfyUI.
+    comfyui_simulator.sim.set_step_seconds(0.05)
+    first = await worker_factory(comfyui_simulator)
+    call = first.stub.Execute(worker.ExecuteRequest(job_id="job-orphan", graph_json=graph()))
+    async for response in call:
+        if response.event.HasField("started"):
+            break
+    call.cancel()
+    await first.running.stop()
+    second = await worker_factory(comfyui_simulator)
+    assert second.running.tracker.client_id != first.running.tracker.client_id
+    attached = [
+        r.event
+        async for r in second.stub.Attach(
+            worker.AttachRequest(job_id="job-orphan", prompt_id=prompt_id_for("job-orphan")),
+            timeout=10,
+        )
+    ]
+    assert attached[-1].HasField("completed") and len(images(attached)) == 1
+    assert len(comfyui_simulator.sim.runs) == 1
+
+
+def test_a_worker_keeps_its_websocket_client_id_across_restarts() -> None:
+    url = "http://gpu-1:8188/"
+    assert stable_client_id(url, "0.0.0.0:50052") == stable_client_id(url, "0.0.0.0:50052")
+    assert stable_client_id(url, "0.0.0.0:50052") != stable_client_id(url, "0.0.0.0:50053")
+    assert stable_client_id(url, "127.0.0.1:0") is None  # no fixed place, no fixed id
 
 
 async def test_cancel_deletes_a_waiting_prompt_and_interrupts_a_running_one(
