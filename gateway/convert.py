@@ -14,6 +14,8 @@ from services.contracts import gen
 from services.errors import InvalidArgument
 
 STATUS_PREFIX = "GENERATION_STATUS_"
+# Enum names HTTP clients see lower-cased and without their prefix.
+ENUM_PREFIXES = (STATUS_PREFIX, "EVENT_TYPE_", "PARAMETER_TYPE_")
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -30,7 +32,7 @@ def _lower_enums(value: Any) -> Any:
     if isinstance(value, list):
         return [_lower_enums(v) for v in value]
     if isinstance(value, str):
-        for prefix in (STATUS_PREFIX, "EVENT_TYPE_", "PARAMETER_TYPE_"):
+        for prefix in ENUM_PREFIXES:
             if value.startswith(prefix):
                 return value.removeprefix(prefix).lower()
     return value

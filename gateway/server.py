@@ -15,7 +15,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway import convert
+from gateway import convert, openapi
 from services.contracts import gen, gen_grpc
 from services.errors import InvalidArgument, LocknError, ResourceExhausted, from_rpc_error
 from services.grpc_server import open_channel
@@ -38,6 +38,7 @@ HTTP_STATUS = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STUB = web.AppKey("stub", gen_grpc.GenerationServiceStub)
 CHANNEL = web.AppKey("channel", grpc.aio.Channel)
+OPENAPI = web.AppKey("openapi", dict)
 
 
 def _stub(request: web.Request) -> gen_grpc.GenerationServiceStub:
@@ -69,6 +70,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(from_rpc_error(rpc), HTTP_STATUS.get(rpc.code(), 502))
     except InvalidArgument as error:
         return error_response(error, 400)
+    except web.HTTPException as http:
+        if http.status < 400:
+            raise
+        # aiohttp's own refusals (no such route, body too large...) in our error shape.
+        reason = http.reason.upper().replace(" ", "_")
+        return web.json_response(
+            {"error": {"reason": reason, "message": http.text or http.reason}},
+            status=http.status,
+            headers={k: v for k, v in http.headers.items() if k == "Allow"},
+        )
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -197,6 +208,10 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(convert.to_json(reply))
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -233,6 +248,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/stats", stats)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi_document)
+    app[OPENAPI] = openapi.document()
 
     async def close_channel(app: web.Application) -> None:
         await channel.close()
