@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import convert, openapi
+from services import metrics
 from services.contracts import gen, gen_grpc
 from services.errors import InvalidArgument, LocknError, ResourceExhausted, from_rpc_error
 from services.grpc_server import open_channel
@@ -60,6 +62,18 @@ def error_response(error: LocknError, status: int) -> web.Response:
     if isinstance(error, ResourceExhausted):
         headers["Retry-After"] = str(max(1, round(error.retry_after_seconds)))
     return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def measured(request: web.Request, handler: Handler) -> web.StreamResponse:
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    started = time.monotonic()
+    response = await handler(request)
+    # Streams (events, images) count once their headers are out.
+    metrics.HTTP_LATENCY.labels(route=route).observe(time.monotonic() - started)
+    metrics.HTTP_REQUESTS.labels(route=route, status=str(response.status)).inc()
+    return response
 
 
 @web.middleware
@@ -230,7 +244,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=settings.gateway_max_body_bytes)
+    app = web.Application(
+        middlewares=[measured, errors], client_max_size=settings.gateway_max_body_bytes
+    )
     channel = open_channel(
         settings.generation_address,
         tls=settings.tls,
@@ -267,6 +283,7 @@ async def start_gateway(settings: Settings, listen: str | None = None) -> web.Ap
 
 
 async def serve(settings: Settings, args: argparse.Namespace) -> None:
+    metrics.start_metrics_server(settings.gateway_metrics_port)
     runner = await start_gateway(settings)
     log.info("gateway_ready", listen=settings.gateway_listen, upstream=settings.generation_address)
     stop = asyncio.Event()

@@ -1,4 +1,4 @@
-"""Prometheus metrics of both services, exposed on a side port of each.
+"""Prometheus metrics of every process, exposed on a side port of each.
 
 Names and labels are documented in the README. Defined once here so that the
 code that observes a metric and the docs that describe it cannot disagree.
@@ -35,6 +35,16 @@ COMFYUI_REQUESTS = Counter(
     "lockn_comfyui_requests_total",
     "HTTP requests to ComfyUI by route and outcome",
     ["route", "outcome"],
+)
+
+HTTP_REQUESTS = Counter(
+    "lockn_http_requests_total", "Gateway requests by route and HTTP status", ["route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "lockn_http_request_seconds",
+    "Gateway time to the response headers, by route",
+    ["route"],
+    buckets=_LATENCY,
 )
 
 

@@ -166,6 +166,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     generation_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9101
     worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9102
+    gateway_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9103
     gateway_max_body_bytes: PositiveInt = 32 * 1024 * 1024
     grpc_max_message_bytes: PositiveInt = 64 * 1024 * 1024
     shutdown_grace_seconds: Annotated[float, Field(ge=0, le=300)] = 10.0

@@ -111,6 +111,7 @@ class LocalStack:
         env = self.env(
             LOCKN_GATEWAY_LISTEN=f"127.0.0.1:{port}",
             LOCKN_GENERATION_ADDRESS=generation.address,
+            LOCKN_GATEWAY_METRICS_PORT="0",
             **settings,
         )
         return self.start("gateway", ["gateway"], env, f"http://127.0.0.1:{port}", "/readyz")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
+import services.metrics  # noqa: F401  (registers the metrics)
 from services.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -39,3 +41,13 @@ def test_every_documented_setting_exists() -> None:
 def test_the_quick_start_is_the_two_commands() -> None:
     text = README.read_text()
     assert "    make demo" in text and "    make test" in text
+
+
+def test_every_metric_is_documented_and_every_documented_one_exists() -> None:
+    defined = {
+        metric.name + ("_total" if metric.type == "counter" else "")
+        for metric in REGISTRY.collect()
+        if metric.name.startswith("lockn_")
+    }
+    documented = set(re.findall(r"^\| `(lockn_[a-z_]+)` \|", README.read_text(), re.M))
+    assert defined and documented == defined
