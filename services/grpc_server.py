@@ -106,10 +106,20 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return handler
 
+    def _authenticate(self, metadata: Any, method: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            principal = self._auth.principal(metadata)
+        except Unauthenticated:
+            # Who knocked and where, never with what: the token stays out of logs.
+            log.warning("unauthenticated", method=method, peer=context.peer())
+            raise
+        log.debug("authenticated", method=method, principal=principal)
+        current_principal.set(principal)
+
     def _unary(self, behavior: Any, metadata: Any, method: str) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                current_principal.set(self._auth.principal(metadata))
+                self._authenticate(metadata, method, context)
                 return await behavior(request, context)
             except LocknError as error:
                 await _abort(context, error)
@@ -122,7 +132,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _stream(self, behavior: Any, metadata: Any, method: str) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                current_principal.set(self._auth.principal(metadata))
+                self._authenticate(metadata, method, context)
                 async for item in behavior(request, context):
                     yield item
             except LocknError as error:
