@@ -35,6 +35,8 @@ log = get_logger(component="dispatcher")
 # How long a job waits for its worker to come back before it is re-queued.
 REATTACH_SECONDS = 60.0
 PRUNE_INTERVAL = 600.0
+# Leases taken over per scan: more wait for the next scan, a poll interval later.
+TAKEOVER_BATCH = 64
 
 
 class LeaseLost(Exception):
@@ -72,6 +74,7 @@ class Dispatcher:
         self.paused: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        self._next_takeover_scan = 0.0
 
     def start(self) -> None:
         self._tasks = [
@@ -112,6 +115,12 @@ class Dispatcher:
             self.paused = None
         if self.paused:
             return
+        if time.monotonic() >= self._next_takeover_scan:
+            # Taken-over work is already on a GPU (re-attached, not re-run), so it
+            # does not wait for a free slot: it fills the slot it really occupies.
+            self._next_takeover_scan = time.monotonic() + self.settings.poll_seconds
+            for row in await self.queue.take_over(TAKEOVER_BATCH):
+                self._start(row)
         while (free := self.workers.free_slots) > 0:
             rows = await self.queue.claim(free)
             if not rows:

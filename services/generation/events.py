@@ -157,6 +157,8 @@ class EventHub:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(EVENTS_CHANNEL, self._on_event)
                 await conn.add_listener(QUEUED_CHANNEL, lambda *_: self.on_queued())
+                if not await self.queue.hold_liveness(conn):
+                    log.warning("liveness_lock_taken", owner=self.queue.owner)
                 self.listening.set()
                 # Anything notified while we were not listening: re-read and re-scan.
                 self._everyone_behind()

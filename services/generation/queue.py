@@ -58,6 +58,10 @@ class Fence:
     owner: str
 
 
+# Advisory-lock class of the replicas' liveness locks (key 2: hashtext(owner)).
+LIVENESS_LOCK_CLASS = 0x10C4
+
+
 class Queue:
     def __init__(self, pool: asyncpg.Pool, settings: QueueSettings, owner: str) -> None:
         self.pool = pool
@@ -260,7 +264,7 @@ class Queue:
     # ----- dispatch ------------------------------------------------------------------
 
     async def claim(self, limit: int) -> list[Record]:
-        """Lease up to `limit` queued rows (best first), then expired leases (takeover)."""
+        """Lease up to `limit` queued rows, best first."""
         if limit <= 0:
             return []
         rows: list[Record] = await self.pool.fetch(
@@ -278,12 +282,14 @@ class Queue:
             self.owner,
             self.settings.lease_seconds,
         )
-        if len(rows) < limit:
-            rows += await self._take_over(limit - len(rows))
         return sorted(rows, key=lambda r: r["claim_key"])
 
-    async def _take_over(self, limit: int) -> list[Record]:
-        """Rows whose owner stopped renewing the lease: its replica is gone."""
+    async def take_over(self, limit: int) -> list[Record]:
+        """Rows whose replica is gone: its lease expired, or its liveness lock
+        (see `hold_liveness`) is free and it missed two heartbeats."""
+        # Two missed heartbeats: a replica that merely lost its connection for
+        # a moment (a database restart) keeps its work.
+        silent_for = self.settings.lease_seconds - 2 * self.settings.heartbeat_seconds
         rows: list[Record] = await self.pool.fetch(
             _with_event(
                 """
@@ -292,7 +298,14 @@ class Queue:
                     last_event_seq = g.last_event_seq + 1
                 FROM (
                     SELECT id FROM generations
-                    WHERE status IN ('DISPATCHED', 'RUNNING') AND lease_expires_at < now()
+                    WHERE status IN ('DISPATCHED', 'RUNNING') AND (
+                        lease_expires_at < now()
+                        OR ($4 > 0 AND lease_expires_at < now() + make_interval(secs => $4)
+                            AND NOT EXISTS (
+                                SELECT 1 FROM pg_locks l
+                                WHERE l.locktype = 'advisory' AND l.granted
+                                  AND l.classid = $5::oid AND l.objsubid = 2
+                                  AND l.objid = hashtext(lease_owner)::oid)))
                     ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
                 ) expired
                 WHERE g.id = expired.id
@@ -304,8 +317,22 @@ class Queue:
             limit,
             self.owner,
             self.settings.lease_seconds,
+            silent_for,
+            LIVENESS_LOCK_CLASS,
         )
         return rows
+
+    async def hold_liveness(self, conn: asyncpg.Connection) -> bool:
+        """Take this replica's liveness lock on a long-lived session.
+
+        PostgreSQL frees a session's advisory locks the moment its connection
+        dies (a SIGKILLed replica's socket is closed by the kernel), so peers
+        see the death in seconds instead of waiting out the whole lease.
+        """
+        held: bool = await conn.fetchval(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))", LIVENESS_LOCK_CLASS, self.owner
+        )
+        return held
 
     async def heartbeat(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         """Renew this replica's leases in one statement; returns the ones still held."""

@@ -1,0 +1,99 @@
+"""Fast takeover: a replica whose database session died (its liveness lock is
+free) loses its leases after two missed heartbeats, not the whole lease; a
+replica that is alive, or only briefly away, keeps its work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from services.database import connect, create_pool
+from services.generation.queue import Queue
+from services.settings import QueueSettings
+
+# Takeover by liveness once a lease has not been renewed for 2 x 1 s.
+SETTINGS = QueueSettings(lease_seconds=10, heartbeat_seconds=1)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(database_url)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def queued(queue: Queue, name: str) -> None:
+    await queue.create(
+        principal="alice",
+        request_id=name,
+        template="sd15-txt2img",
+        parameters={},
+        graph="{}",
+        checkpoint=None,
+        priority=0,
+        timeout_seconds=60,
+        inputs=[],
+    )
+
+
+async def last_renewed(pool: asyncpg.Pool, seconds_ago: float) -> None:
+    await pool.execute(
+        "UPDATE generations SET lease_expires_at = now() + make_interval(secs => $1)",
+        SETTINGS.lease_seconds - seconds_ago,
+    )
+
+
+async def test_a_dead_replicas_work_is_taken_over_before_its_lease_ends(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    a, b = Queue(pool, SETTINGS, "replica-a"), Queue(pool, SETTINGS, "replica-b")
+    a_session = await connect(database_url)
+    assert await a.hold_liveness(a_session)
+    await queued(a, "job")
+    (claimed,) = await a.claim(1)
+
+    await last_renewed(pool, seconds_ago=5)  # A stalled, but its session lives
+    assert await b.take_over(1) == []
+
+    await a_session.close()  # A's process died: PostgreSQL frees its lock at once
+    (taken,) = await b.take_over(1)
+    assert taken["id"] == claimed["id"]
+    assert taken["lease_owner"] == "replica-b" and taken["attempts"] == 2
+    events = await pool.fetch(
+        "SELECT type FROM generation_events WHERE generation_id = $1 ORDER BY seq", taken["id"]
+    )
+    assert events[-1]["type"] == "TAKEN_OVER"
+
+
+async def test_a_replica_that_renews_keeps_its_work_without_a_session(
+    pool: asyncpg.Pool,
+) -> None:
+    # Its liveness session is gone (a database restart), but it still renews.
+    a, b = Queue(pool, SETTINGS, "replica-a"), Queue(pool, SETTINGS, "replica-b")
+    await queued(a, "job")
+    await a.claim(1)
+    await last_renewed(pool, seconds_ago=1)
+    assert await b.take_over(1) == []
+    await last_renewed(pool, seconds_ago=3)
+    assert len(await b.take_over(1)) == 1
+
+
+async def test_a_live_lock_is_not_enough_once_the_lease_has_expired(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    # A process that holds its session but stopped renewing (hung) still loses
+    # its work when the lease runs out.
+    a, b = Queue(pool, SETTINGS, "replica-a"), Queue(pool, SETTINGS, "replica-b")
+    a_session = await connect(database_url)
+    try:
+        assert await a.hold_liveness(a_session)
+        await queued(a, "job")
+        await a.claim(1)
+        await last_renewed(pool, seconds_ago=SETTINGS.lease_seconds + 1)
+        assert len(await b.take_over(1)) == 1
+    finally:
+        await a_session.close()
