@@ -13,10 +13,14 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from bench import faults, scenarios
 from bench.results import Report
-from bench.scenarios import SCENARIOS, Bench
+from bench.scenarios import Bench
 from services.embedded_postgres import postgres_server
 from services.log import configure_logging
+
+# Issue 7's figures, then issue 8's (failover, cancel, long transaction, soak).
+SCENARIOS = {**scenarios.SCENARIOS, **faults.SCENARIOS}
 
 
 def main(argv: list[str] | None = None) -> int:
