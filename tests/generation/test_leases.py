@@ -1,6 +1,7 @@
-"""Fast takeover: a replica whose database session died (its liveness lock is
-free) loses its leases after two missed heartbeats, not the whole lease; a
-replica that is alive, or only briefly away, keeps its work."""
+"""Lease housekeeping on the queue table: fast takeover (a replica whose
+database session died, so its liveness lock is free, loses its leases after two
+missed heartbeats, not the whole lease; one alive, or only briefly away, keeps
+its work) and pruning of finished generations."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import asyncpg
 import pytest
 
 from services.database import connect, create_pool
-from services.generation.queue import Queue
+from services.generation.queue import Fence, Queue
 from services.settings import QueueSettings
 
 # Takeover by liveness once a lease has not been renewed for 2 x 1 s.
@@ -97,3 +98,28 @@ async def test_a_live_lock_is_not_enough_once_the_lease_has_expired(
         assert len(await b.take_over(1)) == 1
     finally:
         await a_session.close()
+
+
+async def test_prune_removes_finished_generations_past_retention_only(
+    pool: asyncpg.Pool,
+) -> None:
+    queue = Queue(pool, SETTINGS, "replica-a")
+    for name in ("old", "recent", "waiting"):
+        await queued(queue, name)
+    for row in await queue.claim(2):
+        outputs = [{"index": 0, "path": f"/store/{row['request_id']}.png"}]
+        await queue.completed(Fence(row["id"], row["attempts"], queue.owner), outputs)
+    await pool.execute(
+        "UPDATE generations SET completed_at = now() - interval '2 hours' WHERE request_id = 'old'"
+    )
+
+    removed = await queue.prune(retention_hours=1)
+
+    assert removed == ["/store/old.png"]  # the dispatcher deletes these files
+    left = await pool.fetch("SELECT request_id FROM generations ORDER BY request_id")
+    assert [r["request_id"] for r in left] == ["recent", "waiting"]
+    orphans = await pool.fetchval(
+        "SELECT count(*) FROM generation_events e"
+        " WHERE NOT EXISTS (SELECT 1 FROM generations g WHERE g.id = e.generation_id)"
+    )
+    assert orphans == 0
