@@ -1,4 +1,5 @@
-"""TLS and mutual TLS on the shared gRPC bootstrap, with certificates made per run.
+"""TLS and mutual TLS on the shared gRPC bootstrap and between the services,
+with certificates made per run.
 
 A client that trusts our CA reaches a TLS server; with a client CA configured
 the server refuses a client that presents no certificate (mTLS); health stays
@@ -7,6 +8,7 @@ reachable for probes over the same credentials.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -16,8 +18,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.contracts import gen, gen_grpc
 from services.grpc_server import RunningServer, open_channel, start_server
 from services.settings import TlsSettings
+from tests.fixtures.generation import StartGeneration
+from tests.fixtures.simulator import StartSimulator
+from tests.fixtures.worker import StartWorker
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 
@@ -145,3 +151,42 @@ async def test_mtls_refuses_a_client_without_a_certificate(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await check(f"localhost:{mtls_server.port}", TlsSettings(ca_file=pki / "ca.pem"))
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_generation_runs_with_mutual_tls_between_every_part(
+    pki: Path,
+    simulator_factory: StartSimulator,
+    worker_factory: StartWorker,
+    generation_factory: StartGeneration,
+) -> None:
+    # One block serves both ways: the service's certificate is also its client
+    # certificate when it dials a peer that requires one.
+    tls = {
+        "cert_file": str(pki / "server.pem"),
+        "key_file": str(pki / "server.key"),
+        "client_ca_file": str(pki / "ca.pem"),
+        "ca_file": str(pki / "ca.pem"),
+    }
+    simulator = await simulator_factory()
+    worker = await worker_factory(simulator, tls=tls)
+    service = await generation_factory(workers=[worker], tls=tls)
+    caller = TlsSettings(
+        ca_file=pki / "ca.pem", cert_file=pki / "client.pem", key_file=pki / "client.key"
+    )
+    async with open_channel(f"127.0.0.1:{service.running.port}", tls=caller) as channel:
+        stub = gen_grpc.GenerationServiceStub(channel)
+        request = gen.CreateGenerationRequest(
+            template="sd15-txt2img",
+            parameters={"prompt": gen.ParameterValue(string_value="over mTLS")},
+        )
+        created = (await stub.CreateGeneration(request, timeout=10)).generation
+        async with asyncio.timeout(30):
+            while True:
+                reply = await stub.GetGeneration(gen.GetGenerationRequest(id=created.id))
+                if reply.generation.status == gen.GENERATION_STATUS_COMPLETED:
+                    break
+                assert reply.generation.status != gen.GENERATION_STATUS_FAILED, reply
+                await asyncio.sleep(0.1)
+    with pytest.raises(grpc.aio.AioRpcError):  # and a plaintext caller gets nowhere
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.running.port}") as plain:
+            await gen_grpc.GenerationServiceStub(plain).GetStats(gen.GetStatsRequest(), timeout=3)
