@@ -34,6 +34,7 @@ JsonDict = dict[str, Any]
 PROMPT_NAMESPACE = uuid.UUID("0b4c61f2-2f57-4d0e-a0b4-5c1a2d9b7e11")
 IMAGE_LOADERS = {"LoadImage", "LoadImageMask"}
 CHUNK_BYTES = 1 << 20
+MAX_ALIASES = 10_000
 Event = worker.ExecutionEvent
 
 
@@ -49,40 +50,45 @@ class Executor:
         self.default_timeout = default_timeout
         self.in_flight: set[str] = set()
         self._cancelled: set[str] = set()
+        # Our prompt_id -> the one ComfyUI assigned, when it ignored ours.
+        self._aliases: dict[str, str] = {}
 
     async def execute(self, request: worker.ExecuteRequest) -> AsyncIterator[Event]:
         prompt_id = prompt_id_for(request.job_id)
         log.info("job_received", job_id=request.job_id, prompt_id=prompt_id)
-        with self.tracker.follow(prompt_id) as stream:
-            try:
-                position = await self._known_position(prompt_id)
-                if position is None:
-                    graph = await self._with_inputs(request, prompt_id)
-                    accepted = await self.client.queue_prompt(
-                        graph, self.tracker.client_id, prompt_id
-                    )
-                    position = (await self.client.queue()).position(prompt_id) or 0
-                    number = accepted.number
-                else:
-                    # Queued before (this job was sent again): follow, never re-run.
-                    number = -1
-                    await self.tracker.reconcile(prompt_id)
-            except PromptRejected as rejected:
-                yield _event(failed=classify.rejected_prompt(prompt_id, rejected.body))
-                return
-            except ComfyUIUnreachable as error:
-                yield _event(failed=_unreachable(prompt_id, error))
-                return
-            except (ComfyUIRejected, ValueError) as error:
-                yield _event(failed=classify.failed(prompt_id, Reason.INVALID_WORKFLOW, str(error)))
-                return
-            yield _event(
-                accepted=worker.Accepted(
-                    prompt_id=prompt_id, number=number, queue_position=position
-                )
-            )
+        try:
+            actual, number, position = await self._submit(request, prompt_id)
+        except PromptRejected as rejected:
+            yield _event(failed=classify.rejected_prompt(prompt_id, rejected.body))
+            return
+        except ComfyUIUnreachable as error:
+            yield _event(failed=_unreachable(prompt_id, error))
+            return
+        except (ComfyUIRejected, ValueError) as error:
+            yield _event(failed=classify.failed(prompt_id, Reason.INVALID_WORKFLOW, str(error)))
+            return
+        yield _event(
+            accepted=worker.Accepted(prompt_id=prompt_id, number=number, queue_position=position)
+        )
+        # Frames sent before this point wait in the tracker's early buffer.
+        with self.tracker.follow(actual) as stream:
+            if number < 0:
+                # Queued before (this job was sent again): it may have finished.
+                await self._reconcile_until_known(actual)
             async for event in self._follow(stream, request.timeout_seconds):
                 yield event
+
+    async def _submit(self, request: worker.ExecuteRequest, prompt_id: str) -> tuple[str, int, int]:
+        """(ComfyUI's prompt_id, queue number or -1 when queued before, position)."""
+        known = await self._known_position(prompt_id)
+        if known is not None:
+            return self._aliases.get(prompt_id, prompt_id), -1, known
+        graph = await self._with_inputs(request, prompt_id)
+        accepted = await self.client.queue_prompt(graph, self.tracker.client_id, prompt_id)
+        if accepted.prompt_id != prompt_id:
+            self._adopt(prompt_id, accepted.prompt_id)
+        position = (await self.client.queue()).position(accepted.prompt_id) or 0
+        return accepted.prompt_id, accepted.number, position
 
     async def attach(self, request: worker.AttachRequest) -> AsyncIterator[Event]:
         prompt_id = request.prompt_id
@@ -96,6 +102,7 @@ class Executor:
                 yield event
 
     async def cancel(self, prompt_id: str) -> worker.CancelOutcome.ValueType:
+        prompt_id = self._aliases.get(prompt_id, prompt_id)
         queue = await self.client.queue()
         if prompt_id in queue.pending:
             self._cancelled.add(prompt_id)
@@ -111,8 +118,19 @@ class Executor:
 
     # ----- following a prompt ------------------------------------------------------
 
+    def _adopt(self, ours: str, theirs: str) -> None:
+        """ComfyUI ignored our prompt_id (releases before client-chosen ids):
+        follow and cancel by its own. A job sent again finds its prompt only
+        while this worker lives, so re-attaching after a worker restart needs a
+        ComfyUI that accepts client prompt ids."""
+        log.warning("comfyui_assigned_prompt_id", ours=ours, theirs=theirs)
+        self._aliases[ours] = theirs
+        while len(self._aliases) > MAX_ALIASES:
+            self._aliases.pop(next(iter(self._aliases)))
+
     async def _known_position(self, prompt_id: str) -> int | None:
         """Where ComfyUI has this prompt already (queued or finished), else None."""
+        prompt_id = self._aliases.get(prompt_id, prompt_id)
         queue = await self.client.queue()
         position = queue.position(prompt_id)
         if position is not None:

@@ -51,6 +51,8 @@ class SimulatorOptions:
     upscale_models: list[str] | None = None
     output_dir: Path | None = None
     history_max: int = 10_000
+    # Older ComfyUI releases ignore a client-chosen prompt_id and assign their own.
+    client_prompt_ids: bool = True
 
 
 @dataclass

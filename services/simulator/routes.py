@@ -94,7 +94,8 @@ class _Handlers:
         )
         if problem is not None:
             return _json(problem, 400)
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        chosen = body.get("prompt_id") if self.sim.options.client_prompt_ids else None
+        prompt_id = str(chosen or uuid.uuid4())
         extra = dict(body.get("extra_data") or {})
         if body.get("client_id"):
             extra["client_id"] = body["client_id"]

@@ -258,6 +258,31 @@ async def test_cancel_deletes_a_waiting_prompt_and_interrupts_a_running_one(
     assert [r.prompt_id for r in comfyui_simulator.sim.runs] == [prompt_id_for("job-running")]
 
 
+async def test_a_comfyui_that_assigns_its_own_prompt_ids_still_works(
+    simulator_factory: StartSimulator, worker_factory: StartWorker
+) -> None:
+    # Releases before client-chosen prompt ids ignore ours: the worker follows
+    # and cancels by ComfyUI's id, and a job sent again still runs only once.
+    simulator = await simulator_factory(client_prompt_ids=False)
+    client = await worker_factory(simulator)
+    events = await run(client, "job-old-comfy", graph())
+    assert events[0].accepted.prompt_id == prompt_id_for("job-old-comfy")
+    assert events[-1].HasField("completed") and len(images(events)) == 1
+    assert simulator.sim.runs[0].prompt_id != prompt_id_for("job-old-comfy")
+    again = await run(client, "job-old-comfy", graph())
+    assert again[-1].HasField("completed") and len(simulator.sim.runs) == 1
+
+    simulator.sim.set_step_seconds(0.05)
+    running = asyncio.create_task(run(client, "job-old-cancel", graph(steps=100)))
+    while simulator.sim.running is None:
+        await asyncio.sleep(0.01)
+    cancelled = await client.stub.Cancel(
+        worker.CancelRequest(prompt_id=prompt_id_for("job-old-cancel"))
+    )
+    assert cancelled.outcome == worker.CANCEL_OUTCOME_INTERRUPTED
+    assert (await running)[-1].failed.reason == "INTERRUPTED"
+
+
 async def test_transient_errors_are_retried_and_4xx_never(
     comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
 ) -> None:
