@@ -58,6 +58,8 @@ class Fence:
     owner: str
 
 
+# Finished generations keep their progress events this long (the rest: retention).
+PROGRESS_RETENTION_SECONDS = 3600.0
 # Advisory-lock class of the replicas' liveness locks (key 2: hashtext(owner)).
 LIVENESS_LOCK_CLASS = 0x10C4
 
@@ -460,7 +462,20 @@ class Queue:
         )
 
     async def prune(self, retention_hours: float) -> list[str]:
-        """Delete finished generations past retention; returns their image paths."""
+        """Delete finished generations past retention; returns their image paths.
+
+        Their progress events go sooner (PROGRESS_RETENTION): they are most of
+        the event rows and nobody resumes a stream that ended long ago.
+        """
+        await self.pool.execute(
+            """
+            DELETE FROM generation_events e USING generations g
+            WHERE e.generation_id = g.id AND e.type = 'PROGRESS'
+              AND g.status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+              AND g.completed_at < now() - make_interval(secs => $1)
+            """,
+            min(PROGRESS_RETENTION_SECONDS, retention_hours * 3600),
+        )
         rows = await self.pool.fetch(
             """
             DELETE FROM generations WHERE id IN (

@@ -123,3 +123,24 @@ async def test_prune_removes_finished_generations_past_retention_only(
         " WHERE NOT EXISTS (SELECT 1 FROM generations g WHERE g.id = e.generation_id)"
     )
     assert orphans == 0
+
+
+async def test_progress_events_of_long_finished_generations_go_first(
+    pool: asyncpg.Pool,
+) -> None:
+    queue = Queue(pool, SETTINGS, "replica-a")
+    await queued(queue, "done")
+    (row,) = await queue.claim(1)
+    fence = Fence(row["id"], row["attempts"], queue.owner)
+    for step in (1, 2):
+        await queue.progress(fence, step, 2, "3")
+    await queue.completed(fence, [])
+    kinds = "SELECT type FROM generation_events ORDER BY seq"
+    assert [r["type"] for r in await pool.fetch(kinds)].count("PROGRESS") == 2
+
+    await queue.prune(retention_hours=24)  # finished just now: all kept
+    assert [r["type"] for r in await pool.fetch(kinds)].count("PROGRESS") == 2
+
+    await pool.execute("UPDATE generations SET completed_at = now() - interval '2 hours'")
+    await queue.prune(retention_hours=24)
+    assert [r["type"] for r in await pool.fetch(kinds)] == ["CREATED", "COMPLETED"]
