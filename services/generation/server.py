@@ -22,12 +22,22 @@ from services.generation.servicer import GenerationServicer
 from services.generation.store import ImageStore
 from services.generation.templates import TemplateLibrary
 from services.generation.workers import WorkerPool
-from services.grpc_server import RunningServer, Service, serve_until_signalled, start_server
+from services.grpc_server import (
+    NOT_SERVING,
+    SERVING,
+    RunningServer,
+    Service,
+    serve_until_signalled,
+    start_server,
+)
 from services.log import get_logger
 from services.settings import Settings
 
 log = get_logger(component="generation_service")
 SERVICE_NAME = "lockn.generation.v1.GenerationService"
+# A health name of its own: NOT_SERVING while dispatch is paused (storage full).
+# Reads, creates and watches still work then, so the overall status stays up.
+DISPATCH_HEALTH = "lockn.generation.v1.Dispatch"
 CHECK_INTERVAL = 2.0
 
 
@@ -89,6 +99,7 @@ async def start_generation_service(
     dispatcher.start()
     tasks = [
         asyncio.create_task(_follow_database(queue, server), name="database-health"),
+        asyncio.create_task(_follow_dispatch(dispatcher, server), name="dispatch-health"),
         asyncio.create_task(_reload_templates(library), name="template-reload"),
         asyncio.create_task(_count_queue(queue), name="queue-depth"),
     ]
@@ -115,6 +126,16 @@ async def _follow_database(queue: Queue, server: RunningServer) -> None:
             serving = up
             log.warning("database_health", serving=up)
             await server.set_serving(up)
+
+
+async def _follow_dispatch(dispatcher: Dispatcher, server: RunningServer) -> None:
+    paused: str | None = "unknown"
+    while True:
+        if dispatcher.paused != paused:
+            paused = dispatcher.paused
+            status = NOT_SERVING if paused else SERVING
+            await server.health.set(DISPATCH_HEALTH, status)
+        await asyncio.sleep(CHECK_INTERVAL / 4)
 
 
 async def _reload_templates(library: TemplateLibrary) -> None:

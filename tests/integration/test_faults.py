@@ -27,6 +27,7 @@ from PIL import Image
 
 from services.contracts import gen, gen_grpc
 from services.embedded_postgres import EmbeddedPostgres, free_port
+from services.generation.server import DISPATCH_HEALTH as DISPATCH
 from services.stack import LocalStack, Part
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -125,19 +126,19 @@ async def assert_all_completed_once(address: str, ids: list[str], timeout: float
                 image.verify()
 
 
-async def health(address: str) -> int:
+async def health(address: str, service: str = "") -> int:
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=3
+            health_pb2.HealthCheckRequest(service=service), timeout=3
         )
     return int(reply.status)
 
 
-async def wait_health(address: str, wanted: int, timeout: float) -> None:
+async def wait_health(address: str, wanted: int, timeout: float, service: str = "") -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if await health(address) == wanted:
+            if await health(address, service) == wanted:
                 return
         except grpc.aio.AioRpcError:
             pass  # a probe that cannot connect is no answer yet
@@ -273,9 +274,14 @@ async def test_storage_full_fails_with_storage_full_then_resumes_when_freed(
         failed = await wait_until(generation.address, first, TERMINAL, 60)
         assert failed[first[0]].status == gen.GENERATION_STATUS_FAILED
         assert failed[first[0]].error.reason == "STORAGE_FULL"
+        await wait_health(
+            generation.address, health_pb2.HealthCheckResponse.NOT_SERVING, 10, DISPATCH
+        )
+        # Reads and creates still work meanwhile: the overall health stays up.
+        assert await health(generation.address) == health_pb2.HealthCheckResponse.SERVING
         filler.unlink()
         await mount("-o", "remount,size=16m", str(store))
-        await stack.wait_serving(generation, timeout=30)
+        await wait_health(generation.address, health_pb2.HealthCheckResponse.SERVING, 30, DISPATCH)
         later = await create(generation.address, 2, steps=2)
         await assert_all_completed_once(generation.address, later)
     finally:
