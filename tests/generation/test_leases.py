@@ -1,10 +1,12 @@
 """Lease housekeeping on the queue table: fast takeover (a replica whose
 database session died, so its liveness lock is free, loses its leases after two
 missed heartbeats, not the whole lease; one alive, or only briefly away, keeps
-its work) and pruning of finished generations."""
+its work), fencing of a stale replica's late writes, and pruning of finished
+generations."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -144,3 +146,30 @@ async def test_progress_events_of_long_finished_generations_go_first(
     await pool.execute("UPDATE generations SET completed_at = now() - interval '2 hours'")
     await queue.prune(retention_hours=24)
     assert [r["type"] for r in await pool.fetch(kinds)] == ["CREATED", "COMPLETED"]
+
+
+async def test_a_stale_replicas_late_writes_are_fenced_off(
+    pool: asyncpg.Pool,
+) -> None:
+    a, b = Queue(pool, SETTINGS, "replica-a"), Queue(pool, SETTINGS, "replica-b")
+    await queued(a, "job")
+    (claimed,) = await a.claim(1)
+    stale = Fence(claimed["id"], claimed["attempts"], a.owner)
+    await a.started(stale)
+    await last_renewed(pool, seconds_ago=SETTINGS.lease_seconds + 1)  # A presumed dead
+    (taken,) = await b.take_over(1)
+    events_before = await pool.fetchval("SELECT count(*) FROM generation_events")
+
+    # A was only slow: its completion, progress and failure arrive late.
+    assert await a.completed(stale, [{"index": 0, "path": "/store/stale.png"}]) is None
+    assert await a.progress(stale, 5, 10, "3") is None
+    assert await a.failed(stale, "EXECUTION_ERROR", "late", {}) is None
+    assert await a.heartbeat([claimed["id"]]) == set()
+
+    row = await pool.fetchrow("SELECT * FROM generations WHERE id = $1", claimed["id"])
+    assert row["status"] == "RUNNING" and row["lease_owner"] == "replica-b"
+    assert json.loads(row["outputs"]) == []
+    assert await pool.fetchval("SELECT count(*) FROM generation_events") == events_before
+    # The owner's writes still land.
+    fresh = Fence(taken["id"], taken["attempts"], b.owner)
+    assert (await b.completed(fresh, []))["status"] == "COMPLETED"

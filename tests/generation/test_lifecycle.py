@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from services.contracts import gen
-from tests.fixtures.generation import GenerationClient
+from tests.fixtures.generation import GenerationClient, StartGeneration
 
 
 async def test_a_generation_runs_to_completion_and_its_image_is_stored(
@@ -76,3 +76,49 @@ async def test_many_generations_all_complete_once(generation_service: Generation
     done = [await generation_service.wait(c.id) for c in created]
     assert all(d.status == gen.GENERATION_STATUS_COMPLETED for d in done)
     assert len(generation_service.simulator.sim.runs) == 12
+
+
+async def test_a_watch_cut_mid_run_and_resumed_sees_every_event_once(
+    generation_service: GenerationClient,
+) -> None:
+    generation_service.simulator.sim.set_step_seconds(0.05)
+    created = await generation_service.create(steps=8)
+    first = []
+    call = generation_service.stub.WatchGeneration(gen.WatchGenerationRequest(id=created.id))
+    async for item in call:
+        if item.HasField("event"):
+            first.append(item.event)
+            if item.event.type == gen.EVENT_TYPE_PROGRESS and item.event.progress.value == 3:
+                break
+    call.cancel()  # the connection drops mid-run
+
+    resumed = [
+        item.event
+        async for item in generation_service.stub.WatchGeneration(
+            gen.WatchGenerationRequest(id=created.id, after_sequence=first[-1].sequence)
+        )
+        if item.HasField("event")
+    ]
+    events = first + resumed
+    assert [e.sequence for e in events] == list(range(1, events[-1].sequence + 1))
+    steps = [e.progress.value for e in events if e.type == gen.EVENT_TYPE_PROGRESS]
+    assert steps == list(range(1, 9))
+    assert events[-1].type == gen.EVENT_TYPE_COMPLETED
+
+
+async def test_two_replicas_and_two_workers_run_200_generations_once_each(
+    generation_factory: StartGeneration,
+) -> None:
+    a = await generation_factory(gpus=2)
+    b = await generation_factory(workers=a.workers)
+    for simulator in a.simulators:
+        simulator.sim.set_step_seconds(0.001)
+    created = await asyncio.gather(
+        *((a if n % 2 else b).create(f"n{n}", steps=1, seed=n) for n in range(200))
+    )
+    done = [await a.wait(c.id, seconds=120) for c in created]
+
+    assert {d.status for d in done} == {gen.GENERATION_STATUS_COMPLETED}
+    runs = [run.prompt_id for s in a.simulators for run in s.sim.runs]
+    assert len(runs) == len(set(runs)) == 200  # none ran twice
+    assert {d.worker for d in done} == {"gpu0", "gpu1"}  # both GPUs were fed
