@@ -79,6 +79,32 @@ async def test_a_batch_yields_every_image(comfy_worker: WorkerClient) -> None:
     assert events[-1].completed.output_count == 3
 
 
+async def test_a_graph_with_two_output_nodes_yields_both_images(
+    comfy_worker: WorkerClient,
+) -> None:
+    two = json.loads(graph(steps=1))
+    two["10"] = {
+        "class_type": "SaveImage",
+        "inputs": {"filename_prefix": "second", "images": ["8", 0]},
+    }
+    events = await run(comfy_worker, "job-two-outputs", json.dumps(two))
+    assert sorted(images(events)) == [0, 1]
+    last = {e.output.node_id: e.output.filename for e in events if e.HasField("output")}
+    assert set(last) == {"9", "10"} and last["10"].startswith("second")
+    assert events[-1].completed.output_count == 2
+
+
+async def test_a_prompt_served_from_comfyuis_cache_still_yields_its_image(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    first = await run(comfy_worker, "job-fresh", graph(steps=2))
+    cached = await run(comfy_worker, "job-cached", graph(steps=2))  # same graph, new job
+
+    assert not first[-1].completed.cached and cached[-1].completed.cached
+    assert images(cached) == images(first)
+    assert "progress" not in kinds(cached)  # nothing was sampled again
+
+
 async def test_a_missing_model_is_reported_with_the_models_that_exist(
     comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
 ) -> None:
