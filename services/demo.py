@@ -86,13 +86,15 @@ async def generate_over_http(gateway: str, token: str | None) -> list[str]:
 
 
 def _print_event(data: dict[str, Any]) -> None:
-    event = data.get("event", data.get("snapshot", data))
-    status = event.get("status", "")
+    # The stream replays every event from the first, so the snapshot adds nothing here.
+    event = data.get("event")
+    if event is None:
+        return
     progress = event.get("progress") or {}
-    if progress.get("max"):
-        print(f"    {status:<10} step {progress.get('value', 0)}/{progress['max']}", flush=True)
+    if event.get("type") == "progress" and progress.get("max"):
+        print(f"    step {progress.get('value', 0)}/{progress['max']}", flush=True)
     else:
-        print(f"    {status}", flush=True)
+        print(f"    {event.get('type', '')}", flush=True)
 
 
 async def start_stack(stack: LocalStack, settings: Settings, dsn: str) -> tuple[Part, Part]:
