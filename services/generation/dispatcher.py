@@ -123,10 +123,13 @@ class Dispatcher:
                 self._start(row)
         while (free := self.workers.free_slots) > 0:
             rows = await self.queue.claim(free)
-            if not rows:
-                return
             for row in rows:
                 self._start(row)
+            if len(rows) < free:
+                # The queue is empty: a row queued from now on notifies and wakes us,
+                # so a second claim now would only find nothing (and delay the
+                # dispatch write of the row just claimed).
+                return
 
     def _start(self, row: Record) -> None:
         handle = self._worker_for(row)
