@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -108,7 +109,26 @@ def generation(row: Record, queue_position: int = 0) -> gen.Generation:
     return message
 
 
+# Every Watch stream of a generation is handed the same event rows: each is
+# converted once, not once per watcher (40 us each: 40 ms of one core per event
+# with 1,000 watchers). An event never changes once written, and
+# (generation_id, seq) names one event for good.
+EVENT_CACHE_SIZE = 1024
+_events: OrderedDict[tuple[Any, int], gen.GenerationEvent] = OrderedDict()
+
+
 def event(row: Record) -> gen.GenerationEvent:
+    """The event as a message, shared between callers: copy it, never change it."""
+    key = (row["generation_id"], row["seq"])
+    message = _events.get(key)
+    if message is None:
+        message = _events[key] = _event(row)
+        if len(_events) > EVENT_CACHE_SIZE:
+            _events.popitem(last=False)
+    return message
+
+
+def _event(row: Record) -> gen.GenerationEvent:
     payload = _json(row["payload"]) or {}
     message = gen.GenerationEvent(
         sequence=row["seq"],
