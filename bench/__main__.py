@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -36,15 +37,22 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(server, args.quick, Path(work), report)
         for name in args.only or list(SCENARIOS):
             print(f"--> {name}", flush=True)
+            started = time.monotonic()
             try:
                 asyncio.run(SCENARIOS[name](bench))
             except Exception:
                 traceback.print_exc()
                 failed.append(name)
+            report.durations[name] = time.monotonic() - started
+            print(f"    {name}: {report.durations[name]:.1f} s", flush=True)
     report.print()
     print(f"written: {report.write(args.output) if args.output else report.write()}")
+    print(f"took {time.time() - report.started:.0f} s")
     if failed:
         print(f"failed scenarios: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    if not args.only and report.missing():
+        print(f"figures missing: {', '.join(report.missing())}", file=sys.stderr)
         return 1
     return 0
 
