@@ -18,6 +18,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "lockn.gen"
+# Budgets of what a status carries (see to_rpc_status), in UTF-8 bytes: at
+# most about 12 KiB of trailers once percent-encoded and base64-encoded.
+MESSAGE_BYTES = 1024
+FIELD_BYTES = 128
+DESCRIPTION_BYTES = 512
+MAX_VIOLATIONS = 8
 
 
 class Reason(StrEnum):
@@ -138,15 +144,32 @@ _BY_CODE: dict[grpc.StatusCode, type[LocknError]] = {
 }
 
 
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (whole characters), marked when cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
 def to_rpc_status(error: LocknError) -> grpc.Status:
-    """The gRPC status (with google.rpc details) that stands for `error`."""
+    """The gRPC status (with google.rpc details) that stands for `error`.
+
+    Messages and violations often quote the caller's input; they travel in
+    trailing metadata, which a client drops whole past 16 KiB (the call then
+    fails RESOURCE_EXHAUSTED instead). So each part is clipped to a budget
+    that keeps the trailers well below that, however long the input was.
+    """
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    message = clip(error.message, MESSAGE_BYTES)
+    status = status_pb2.Status(code=error.code.value[0], message=message)
     status.details.add().Pack(info)
     if isinstance(error, InvalidArgument):
         bad = error_details_pb2.BadRequest()
-        for field, why in error.violations:
-            bad.field_violations.add(field=field, description=why)
+        for field, why in error.violations[:MAX_VIOLATIONS]:
+            bad.field_violations.add(
+                field=clip(field, FIELD_BYTES), description=clip(why, DESCRIPTION_BYTES)
+            )
         status.details.add().Pack(bad)
     if isinstance(error, ResourceExhausted):
         delay = duration_pb2.Duration()

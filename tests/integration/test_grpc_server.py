@@ -38,6 +38,11 @@ class _Servicer(worker_grpc.ComfyWorkerServiceServicer):
             raise ResourceExhausted("too many", retry_after_seconds=2.5)
         if request.prompt_id == "boom":
             raise RuntimeError("secret internals")
+        if request.prompt_id == "echo":
+            # Refusals quote what they refuse: here, far past any trailer limit.
+            raise InvalidArgument(
+                [(f"f{n}" + "\u00e9" * 100_000, "\U0001f642" * 100_000) for n in range(50)]
+            )
         return worker.CancelResponse(outcome=worker.CANCEL_OUTCOME_DELETED)
 
     async def ListModels(self, request: Any, context: Any) -> Any:
@@ -185,3 +190,21 @@ async def test_without_tokens_configured_calls_are_open() -> None:
         assert list(reply.models["principal"].names) == ["anonymous"]
     finally:
         await running.stop(0)
+
+
+async def test_a_refusal_quoting_huge_input_still_arrives_as_itself(
+    channel: grpc.aio.Channel,
+) -> None:
+    # Unclipped, these trailers exceed 16 KiB: the client would see
+    # RESOURCE_EXHAUSTED instead of the INVALID_ARGUMENT (found by tests/fuzz).
+    stub = worker_grpc.ComfyWorkerServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Cancel(
+            worker.CancelRequest(prompt_id="echo"), metadata=bearer("s3cret"), timeout=5
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = from_rpc_error(raised.value)
+    assert isinstance(error, InvalidArgument)
+    assert [f[:2] for f, _ in error.violations] == [f"f{n}" for n in range(8)]
+    assert all(f.endswith("...") and why.endswith("...") for f, why in error.violations)
+
