@@ -19,10 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.errors import LocknError, Unauthenticated, internal_status, to_rpc_status
+from services.errors import (
+    InvalidArgument,
+    LocknError,
+    Unauthenticated,
+    internal_status,
+    to_rpc_status,
+)
 from services.log import get_logger
 from services.settings import TlsSettings
 
@@ -95,13 +102,13 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, metadata, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(handler.unary_stream, metadata, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -120,7 +127,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 self._authenticate(metadata, method, context)
-                return await behavior(request, context)
+                return await behavior(_parsed(request), context)
             except LocknError as error:
                 await _abort(context, error)
             except Exception:
@@ -133,7 +140,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 self._authenticate(metadata, method, context)
-                async for item in behavior(request, context):
+                async for item in behavior(_parsed(request), context):
                     yield item
             except LocknError as error:
                 await _abort(context, error)
@@ -144,6 +151,34 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await _abort_internal(context)
 
         return call
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """Request bytes that are not the method's message (see `_tolerant`)."""
+
+    problem: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, answering _Malformed instead of raising: gRPC
+    turns a DecodeError into UNKNOWN before any handler could refuse the call."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return _Malformed(str(error))
+
+    return parse
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, _Malformed):
+        raise InvalidArgument.field("request", f"not a valid protobuf message: {request.problem}")
+    return request
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: LocknError) -> None:

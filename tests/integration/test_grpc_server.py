@@ -208,3 +208,20 @@ async def test_a_refusal_quoting_huge_input_still_arrives_as_itself(
     assert [f[:2] for f, _ in error.violations] == [f"f{n}" for n in range(8)]
     assert all(f.endswith("...") and why.endswith("...") for f, why in error.violations)
 
+
+async def test_bytes_that_are_not_the_request_message_are_invalid_argument(
+    channel: grpc.aio.Channel,
+) -> None:
+    # gRPC itself answers a request it cannot parse with UNKNOWN (found by tests/fuzz).
+    call = channel.unary_unary(f"/{WORKER_SERVICE}/Cancel")
+    for data in (b"\x0a\x02\xff\xfe", b"\xff\xff\xff", b"\x0a\x05ab"):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call(data, metadata=bearer("s3cret"), timeout=5)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        error = from_rpc_error(raised.value)
+        assert isinstance(error, InvalidArgument)
+        assert [f for f, _ in error.violations] == ["request"]
+        assert "lockn.comfyworker.v1.CancelRequest" in error.message
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call(b"\xff", timeout=5)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
