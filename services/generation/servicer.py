@@ -8,7 +8,7 @@ import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 
 import grpc
 
@@ -21,6 +21,7 @@ from services.generation.inputs import check_images
 from services.generation.queue import Queue
 from services.generation.store import ImageStore
 from services.generation.templates import (
+    TEMPLATE_NAME,
     ImageRef,
     TemplateLibrary,
     to_proto,
@@ -34,6 +35,8 @@ DEFAULT_PAGE = 50
 MAX_PAGE = 500
 PRIORITY_RANGE = (-100, 100)
 REQUEST_ID_MAX = 128
+# Issued tokens are about 100 characters; a cap keeps json.loads from deep nesting.
+TOKEN_MAX = 256
 CHUNK = 1 << 20
 
 
@@ -50,12 +53,28 @@ def encode_token(created_at: datetime, generation_id: uuid.UUID) -> str:
 
 
 def decode_token(token: str) -> tuple[datetime, uuid.UUID]:
+    """The position a page token names; anything else is refused before it
+    reaches the database, which would fail on a time out of its range."""
     try:
+        if len(token) > TOKEN_MAX:
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         created, generation_id = json.loads(raw)
-        return datetime.fromisoformat(created), uuid.UUID(generation_id)
-    except (ValueError, TypeError):
+        if not isinstance(created, str) or not isinstance(generation_id, str):
+            raise ValueError("not a pair of strings")
+        moment = datetime.fromisoformat(created)
+        if moment.tzinfo is None:
+            raise ValueError("no time zone")
+        return moment.astimezone(UTC), uuid.UUID(generation_id)
+    except (ValueError, TypeError, OverflowError):
         raise InvalidArgument.field("page_token", "not a token this service issued") from None
+
+
+def check_template_filter(name: str) -> None:
+    """A template filter is a template name or empty: other text (NUL among
+    it) could never match, and PostgreSQL refuses NUL outright."""
+    if name and not TEMPLATE_NAME.fullmatch(name):
+        raise InvalidArgument.field("template", f"must match {TEMPLATE_NAME.pattern}")
 
 
 class GenerationServicer(gen_grpc.GenerationServiceServicer):
@@ -144,6 +163,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             if status not in gen.GenerationStatus.values() or status == 0:
                 raise InvalidArgument.field(f"statuses[{n}]", "not a generation status")
             statuses.append(convert.status_name(status))
+        check_template_filter(request.template)
         before = decode_token(request.page_token) if request.page_token else None
         rows = await self.queue.page(
             current_principal.get(),
@@ -219,6 +239,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         for n, status in enumerate(request.statuses):
             if status not in gen.GenerationStatus.values() or status == 0:
                 raise InvalidArgument.field(f"statuses[{n}]", "not a generation status")
+        check_template_filter(request.template)
         wanted = set(request.statuses)
         with self.hub.watch_principal(current_principal.get()) as sub:
             while (event := await sub.events.get()) is not None:
