@@ -125,7 +125,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                 "input_images", f"not used by any parameter: {', '.join(sorted(unused))}"
             )
         resolved = self.library.resolve(
-            template.name, values, available_checkpoints=self.workers.checkpoints()
+            template.name, values, available_models=self.workers.models()
         )
         row, created = await self.queue.create(
             principal=current_principal.get(),

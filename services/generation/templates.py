@@ -460,9 +460,16 @@ class TemplateLibrary:
         values: Mapping[str, Any],
         *,
         available_checkpoints: Collection[str] | None = None,
+        available_models: Mapping[str, Collection[str]] | None = None,
         rng: random.Random | None = None,
     ) -> Resolved:
-        return resolve(self.get(name), values, available_checkpoints=available_checkpoints, rng=rng)
+        return resolve(
+            self.get(name),
+            values,
+            available_checkpoints=available_checkpoints,
+            available_models=available_models,
+            rng=rng,
+        )
 
 
 def resolve(
@@ -470,9 +477,13 @@ def resolve(
     values: Mapping[str, Any],
     *,
     available_checkpoints: Collection[str] | None = None,
+    available_models: Mapping[str, Collection[str]] | None = None,
     rng: random.Random | None = None,
 ) -> Resolved:
-    """Check `values` against the template and set them into a copy of its graph."""
+    """Check `values` against the template and set them into a copy of its graph.
+
+    `available_models` maps a model kind (a parameter's `model:`) to the names
+    workers have; `available_checkpoints` is the same for checkpoints alone."""
     violations: list[tuple[str, str]] = []
     params = template.parameters
     for name in values:
@@ -499,22 +510,23 @@ def resolve(
             violations.append((field, "required parameter is missing"))
     checkpoint_param = next((p for p in params.values() if p.model == CHECKPOINTS), None)
     checkpoint = final.get(checkpoint_param.name) if checkpoint_param is not None else None
-    model_missing = False
-    if (
-        checkpoint_param is not None
-        and checkpoint is not None
-        and available_checkpoints is not None
-        and checkpoint not in available_checkpoints
-    ):
-        model_missing = True
-        violations.append(
-            (
-                f"parameters.{checkpoint_param.name}",
-                _unknown_model(checkpoint, available_checkpoints),
+    # Every model a parameter names (checkpoint, upscaler...) must be one the
+    # workers reported, when they reported that kind: a name that is not one
+    # is never queued, however it is spelt (paths that climb out included).
+    models = dict(available_models or {})
+    if available_checkpoints is not None:
+        models[CHECKPOINTS] = available_checkpoints
+    missing_models = 0
+    for param in params.values():
+        known_models = models.get(param.model) if param.model else None
+        value = final.get(param.name)
+        if known_models is not None and value is not None and value not in known_models:
+            missing_models += 1
+            violations.append(
+                (f"parameters.{param.name}", _unknown_model(param, value, known_models))
             )
-        )
     if violations:
-        only_model = model_missing and len(violations) == 1
+        only_model = missing_models == len(violations)
         raise InvalidArgument(
             violations, reason=Reason.MODEL_NOT_FOUND.value if only_model else None
         )
@@ -539,12 +551,13 @@ def resolve(
     )
 
 
-def _unknown_model(name: str, available: Collection[str]) -> str:
+def _unknown_model(param: Parameter, name: str, available: Collection[str]) -> str:
     names = sorted(available)
     listed = ", ".join(names[:_LISTED_MODELS]) or "none"
     if len(names) > _LISTED_MODELS:
         listed += f", ... ({len(names) - _LISTED_MODELS} more)"
-    return f"checkpoint {_short(name)!r} is not available (available: {listed})"
+    kind = "checkpoint" if param.model == CHECKPOINTS else f"model ({param.model})"
+    return f"{kind} {_short(name)!r} is not available (available: {listed})"
 
 
 # ----- protobuf -----------------------------------------------------------------

@@ -81,13 +81,17 @@ class WorkerPool:
 
     def checkpoints(self) -> list[str] | None:
         """Checkpoints the serving workers reported, or None when none reported any."""
-        names = {
-            name
-            for h in self.workers.values()
-            if h.serving
-            for name in h.models.get("checkpoints", [])
-        }
-        return sorted(names) if names else None
+        return self.models().get("checkpoints")
+
+    def models(self) -> dict[str, list[str]]:
+        """Model names by kind the serving workers reported; a kind none
+        reported any of is absent (nothing is known about it)."""
+        found: dict[str, set[str]] = {}
+        for handle in self.workers.values():
+            if handle.serving:
+                for kind, names in handle.models.items():
+                    found.setdefault(kind, set()).update(names)
+        return {kind: sorted(names) for kind, names in found.items() if names}
 
     def pick(self, checkpoint: str | None) -> WorkerHandle | None:
         """A worker with a free slot, preferring one that last ran this checkpoint."""

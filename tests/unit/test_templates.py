@@ -230,6 +230,20 @@ def test_default_checkpoint_is_checked_too(library: TemplateLibrary) -> None:
     assert caught.value.reason == "MODEL_NOT_FOUND"
 
 
+def test_every_model_kind_is_checked_not_only_checkpoints(library: TemplateLibrary) -> None:
+    # Found by tests/fuzz: an upscaler name climbing out of its folder was queued.
+    upscalers = {"upscale_models": ["RealESRGAN_x4plus.pth"]}
+    values = {"image": ImageRef("in.png"), "upscale_model": "../../x.pth"}
+    with pytest.raises(InvalidArgument) as caught:
+        library.resolve("upscale", values, available_models=upscalers)
+    assert caught.value.reason == "MODEL_NOT_FOUND"
+    assert violation_fields(caught.value) == ["parameters.upscale_model"]
+    assert "RealESRGAN_x4plus.pth" in caught.value.message
+    library.resolve(
+        "upscale", {**values, "upscale_model": "RealESRGAN_x4plus.pth"}, available_models=upscalers
+    )
+
+
 # ----- names never become paths -------------------------------------------------
 
 
