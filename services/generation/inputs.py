@@ -52,7 +52,14 @@ def _image_problem(data: bytes) -> str | None:
                     return f"not a PNG, JPEG or WebP image ({probe.format})"
                 if probe.width * probe.height > MAX_PIXELS:
                     return f"{probe.width}x{probe.height} is more than {MAX_PIXELS} pixels"
-                probe.verify()
+                if probe.format == "JPEG":
+                    # verify() reads no JPEG data: decode, at 1/8 scale (at most
+                    # 1/64 of the memory), so a cut or corrupt file is refused here
+                    # rather than failing in ComfyUI after taking a GPU slot.
+                    probe.draft("RGB", (probe.width // 8 or 1, probe.height // 8 or 1))
+                    probe.load()
+                else:
+                    probe.verify()
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         return "image too large once decoded"
     except Exception:
