@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,6 +13,16 @@ from services.contracts import worker, worker_grpc
 from services.errors import InvalidArgument, Unavailable
 
 JOB_ID_MAX = 200
+# Prompt ids to attach to are UUIDs here; the id goes into a ComfyUI URL
+# (/history/{id}), so nothing that could climb to another route is taken.
+PROMPT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def check_prompt_id(value: str) -> None:
+    if not PROMPT_ID.fullmatch(value):
+        raise InvalidArgument.field(
+            "prompt_id", "required: 1-128 letters, digits, '_' or '-' (a ComfyUI prompt id)"
+        )
 
 
 class ComfyWorkerServicer(worker_grpc.ComfyWorkerServiceServicer):
@@ -32,8 +43,7 @@ class ComfyWorkerServicer(worker_grpc.ComfyWorkerServiceServicer):
     async def Attach(
         self, request: worker.AttachRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker.AttachResponse]:
-        if not request.prompt_id:
-            raise InvalidArgument.field("prompt_id", "required")
+        check_prompt_id(request.prompt_id)
         async for event in self.executor.attach(request):
             yield worker.AttachResponse(event=event)
 
