@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import re
 import time
@@ -34,6 +35,7 @@ JsonDict = dict[str, Any]
 PROMPT_NAMESPACE = uuid.UUID("0b4c61f2-2f57-4d0e-a0b4-5c1a2d9b7e11")
 IMAGE_LOADERS = {"LoadImage", "LoadImageMask"}
 CHUNK_BYTES = 1 << 20
+UPLOAD_NAME_MAX = 128
 MAX_ALIASES = 10_000
 Event = worker.ExecutionEvent
 
@@ -256,16 +258,30 @@ class Executor:
 
     async def _with_inputs(self, request: worker.ExecuteRequest, prompt_id: str) -> JsonDict:
         """The graph, with each caller image uploaded and its loader pointed at it."""
-        graph = json.loads(request.graph_json)
-        if not isinstance(graph, dict):
-            raise ValueError("graph_json is not a JSON object")
+        try:
+            graph = json.loads(request.graph_json)
+        except RecursionError:
+            raise ValueError("graph_json nests too deeply") from None
+        # Checked before any upload: nodes are what the loaders below look into.
+        if not isinstance(graph, dict) or not all(isinstance(n, dict) for n in graph.values()):
+            raise ValueError("graph_json is not a JSON object of nodes")
         uploaded: dict[str, str] = {}
         for image in request.input_images:
-            safe = re.sub(r"[^A-Za-z0-9._-]", "_", image.name)
             uploaded[image.name] = await self.client.upload_image(
-                f"lockn-{prompt_id[:8]}-{safe}", image.data
+                upload_name(prompt_id, image.name), image.data
             )
         return _point_loaders(graph, uploaded) if uploaded else graph
+
+
+def upload_name(prompt_id: str, name: str) -> str:
+    """The file name an input image gets in ComfyUI's input folder: only safe
+    characters, and short enough for any file system (255 bytes) however long
+    the caller's name; a long name keeps its end (the extension) and a digest."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    if len(safe) > UPLOAD_NAME_MAX:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        safe = f"{digest}-{safe[-UPLOAD_NAME_MAX // 2 :]}"
+    return f"lockn-{prompt_id[:8]}-{safe}"
 
 
 def _point_loaders(graph: JsonDict, uploaded: Mapping[str, str]) -> JsonDict:
