@@ -26,7 +26,7 @@ from services.comfy_worker.executor import prompt_id_for
 from services.contracts import worker
 from services.errors import Reason
 from services.generation.queue import Fence, Queue
-from services.generation.store import ImageStore, StorageFull
+from services.generation.store import StorageFull, Store
 from services.generation.workers import WorkerHandle, WorkerPool
 from services.log import get_logger
 from services.settings import QueueSettings
@@ -63,7 +63,7 @@ class Job:
 
 class Dispatcher:
     def __init__(
-        self, queue: Queue, workers: WorkerPool, store: ImageStore, settings: QueueSettings
+        self, queue: Queue, workers: WorkerPool, store: Store, settings: QueueSettings
     ) -> None:
         self.queue = queue
         self.workers = workers
@@ -235,7 +235,7 @@ class Dispatcher:
             p = event.progress
             await self._write(job, self.queue.progress(job.fence, p.value, p.max, p.node_id))
         elif kind == "output":
-            self._store_chunk(job, event.output)
+            await self._store_chunk(job, event.output)
         elif kind == "completed":
             await self._finish(job, self.queue.completed(job.fence, job.saved), "completed", "")
             return True
@@ -244,7 +244,7 @@ class Dispatcher:
             return True
         return False
 
-    def _store_chunk(self, job: Job, chunk: worker.OutputChunk) -> None:
+    async def _store_chunk(self, job: Job, chunk: worker.OutputChunk) -> None:
         output = job.outputs.get(chunk.index)
         if output is None:
             temp, handle = self.store.open_temp(job.row["id"], chunk.index)
@@ -253,7 +253,8 @@ class Dispatcher:
             self.store.write(output.handle, chunk.data)
         if chunk.last:
             final = self.store.path_for(job.row["id"], chunk.index, output.content_type)
-            self.store.commit(output.temp, output.handle, final)
+            # fsync takes milliseconds per large image: not on the event loop.
+            await asyncio.to_thread(self.store.commit, output.temp, output.handle, final)
             del job.outputs[chunk.index]
             job.saved.append(
                 {

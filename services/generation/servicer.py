@@ -19,7 +19,7 @@ from services.generation.dispatcher import Dispatcher
 from services.generation.events import EventHub
 from services.generation.inputs import check_images
 from services.generation.queue import Queue
-from services.generation.store import ImageStore
+from services.generation.store import Store
 from services.generation.templates import (
     TEMPLATE_NAME,
     ImageRef,
@@ -86,7 +86,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         hub: EventHub,
         workers: WorkerPool,
         dispatcher: Dispatcher,
-        store: ImageStore,
+        store: Store,
     ) -> None:
         self.settings = settings
         self.queue = queue

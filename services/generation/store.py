@@ -1,6 +1,10 @@
 """The image store: `{generation_id}.png` (then `_{n}` for more images) under
 OutputPath, written atomically (temp file, fsync, rename).
 
+`Store` is what the dispatcher and the servicer need of a store, so another
+(an object store staging each upload in a temp file) can stand in for
+`ImageStore` without touching either, nor the queue.
+
 Names are built from the generation's UUID and an index only, so no caller
 text ever reaches a path. A full disk raises StorageFull and pauses dispatch
 until space returns.
@@ -14,7 +18,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 # Dispatch resumes once this much is free again (room for a few large images).
@@ -25,7 +29,20 @@ class StorageFull(Exception):
     pass
 
 
+class Store(Protocol):
+    def path_for(self, generation_id: uuid.UUID, index: int, content_type: str) -> Path: ...
+    def open_temp(self, generation_id: uuid.UUID, index: int) -> tuple[Path, BinaryIO]: ...
+    def write(self, handle: BinaryIO, data: bytes) -> None: ...
+    def commit(self, temp: Path, handle: BinaryIO, final: Path) -> None: ...
+    def discard(self, temp: Path, handle: BinaryIO) -> None: ...
+    def resolve(self, stored: str) -> Path | None: ...
+    def has_space(self) -> bool: ...
+    def remove(self, stored: str) -> None: ...
+
+
 class ImageStore:
+    """The store on a local (or mounted) file system."""
+
     def __init__(self, root: Path, resume_free_bytes: int = RESUME_FREE_BYTES) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
