@@ -101,13 +101,9 @@ class Bench:
         self, stack: LocalStack, count: int, step_seconds: float
     ) -> tuple[list[Part], list[Part]]:
         """`count` simulators and a worker for each, started side by side."""
-        simulators = []
-        for n in range(count):
-            simulator = stack.start_simulator(step_seconds=step_seconds)
-            # The stack names every simulator "simulator": keep each under its own name.
-            simulator.name = f"simulator-{n}"
-            stack.parts[simulator.name] = stack.parts.pop("simulator")
-            simulators.append(simulator)
+        simulators = [
+            stack.start_simulator(step_seconds, name=f"simulator-{n}") for n in range(count)
+        ]
         await asyncio.gather(*(stack.wait_serving(s) for s in simulators))
         workers = [stack.start_worker(f"worker-{n}", s.address) for n, s in enumerate(simulators)]
         await asyncio.gather(*(stack.wait_serving(w) for w in workers))

@@ -56,6 +56,10 @@ class LocalStack:
         address: str = "",
         ready_path: str = "",
     ) -> Part:
+        running = self.parts.get(name)
+        if running is not None and running.process.poll() is None:
+            # Its Part would be replaced and the process never stopped.
+            raise ValueError(f"a part named {name!r} is already running")
         log = (self.logs / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", *args],
@@ -76,12 +80,12 @@ class LocalStack:
         env.update(settings)
         return env
 
-    def start_simulator(self, step_seconds: float = 0.05, port: int = 0) -> Part:
+    def start_simulator(
+        self, step_seconds: float = 0.05, port: int = 0, name: str = "simulator"
+    ) -> Part:
         port = port or free_port()
         args = ["simulate-comfyui", "--port", str(port), "--step-seconds", str(step_seconds)]
-        return self.start(
-            "simulator", args, self.env(), f"http://127.0.0.1:{port}", "/system_stats"
-        )
+        return self.start(name, args, self.env(), f"http://127.0.0.1:{port}", "/system_stats")
 
     def start_worker(self, name: str, comfy_url: str, port: int = 0, **settings: str) -> Part:
         port = port or free_port()
