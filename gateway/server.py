@@ -49,7 +49,19 @@ def _stub(request: web.Request) -> gen_grpc.GenerationServiceStub:
 
 def _metadata(request: web.Request) -> list[tuple[str, str]]:
     header = request.headers.get("Authorization", "")
+    # gRPC metadata carries printable ASCII only; anything else cannot be a token.
+    if not (header.isascii() and header.isprintable()):
+        raise InvalidArgument.field("Authorization", "printable ASCII: Bearer <token>")
     return [("authorization", header)] if header else []
+
+
+def _natural(raw: str, field: str, maximum: int) -> int:
+    """A query parameter or header holding a decimal integer from 0 to `maximum`."""
+    # isdigit() alone takes superscripts (int() refuses them) and other
+    # scripts' digits, and int() refuses over 4300 digits: ASCII, and few.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20) or int(raw) > maximum:
+        raise InvalidArgument.field(field, f"an integer from 0 to {maximum}")
+    return int(raw)
 
 
 def error_response(error: LocknError, status: int) -> web.Response:
@@ -98,9 +110,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def _json_body(request: web.Request) -> Any:
     try:
-        return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument.field("body", "not valid JSON") from None
+        body = json.loads(await request.read())
+        # "\ud800" escapes decode to lone surrogates, which no protobuf string takes.
+        json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidArgument.field("body", "not UTF-8 JSON, or nested too deeply") from None
+    return body
 
 
 async def create(request: web.Request) -> web.Response:
@@ -121,12 +136,10 @@ async def get(request: web.Request) -> web.Response:
 
 
 async def list_generations(request: web.Request) -> web.Response:
-    size = request.query.get("page_size", "0")
-    if not size.isdigit() or int(size) > 2**31 - 1:
-        raise InvalidArgument.field("page_size", "a non-negative integer")
+    size = _natural(request.query.get("page_size", "0"), "page_size", 2**31 - 1)
     reply = await _stub(request).ListGenerations(
         gen.ListGenerationsRequest(
-            page_size=int(size),
+            page_size=size,
             page_token=request.query.get("page_token", ""),
             statuses=convert.statuses(request.query.get("status", "")),
             template=request.query.get("template", ""),
@@ -144,11 +157,9 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 async def image(request: web.Request) -> web.StreamResponse:
-    index = request.query.get("index", "0")
-    if not index.isdigit() or int(index) > 1000:
-        raise InvalidArgument.field("index", "a non-negative integer")
+    index = _natural(request.query.get("index", "0"), "index", 1000)
     call = _stub(request).GetGenerationImage(
-        gen.GetGenerationImageRequest(id=request.match_info["id"], index=int(index)),
+        gen.GetGenerationImageRequest(id=request.match_info["id"], index=index),
         metadata=_metadata(request),
     )
     response: web.StreamResponse | None = None
@@ -178,10 +189,9 @@ async def image(request: web.Request) -> web.StreamResponse:
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the snapshot, then each event; resume with Last-Event-ID."""
     last = request.headers.get("Last-Event-ID") or request.query.get("after", "0")
-    if not last.isdigit():
-        raise InvalidArgument.field("Last-Event-ID", "an event sequence number")
+    after = _natural(last, "Last-Event-ID", 2**63 - 1)
     call = _stub(request).WatchGeneration(
-        gen.WatchGenerationRequest(id=request.match_info["id"], after_sequence=int(last)),
+        gen.WatchGenerationRequest(id=request.match_info["id"], after_sequence=after),
         metadata=_metadata(request),
     )
     response: web.StreamResponse | None = None
