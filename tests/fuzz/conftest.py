@@ -1,7 +1,8 @@
 """One stack per fuzz module: GenerationService on its own database, one
-ComfyWorker in front of a ComfyUI simulator, and a few finished generations
-for the hostile calls to aim at. Module-scoped so thousands of examples share
-one set of servers; every example then proves it changed nothing."""
+ComfyWorker in front of a ComfyUI simulator, a few finished generations for
+the hostile calls to aim at, and (for the HTTP suite) the gateway.
+Module-scoped so thousands of examples share one set of servers; every
+example then proves it changed nothing."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import grpc
 import pytest
@@ -21,6 +23,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from gateway.server import start_gateway
 from services.comfy_worker.server import RunningWorker, start_worker
 from services.contracts import gen, gen_grpc, worker, worker_grpc
 from services.generation.server import RunningGeneration, start_generation_service
@@ -60,6 +63,15 @@ class FuzzStack:
     @property
     def known_ids(self) -> list[str]:
         return [self.completed.id, self.with_input.id, self.cancelled.id]
+
+    def seeded(self, raw: str) -> gen.Generation | None:
+        """The seeded generation `raw` names, in any spelling a UUID parser takes."""
+        try:
+            wanted = str(uuid.UUID(raw))
+        except ValueError:
+            return None
+        by_id = {g.id: g for g in (self.completed, self.with_input, self.cancelled)}
+        return by_id.get(wanted)
 
     async def state(self) -> tuple[Any, ...]:
         """Everything a call could change: the queue tables and the image store,
@@ -201,3 +213,45 @@ async def fuzz_stack(
         await simulator.stop()
         await _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         structlog.configure(**logging_before)
+
+
+# A second gateway takes bodies up to this many bytes, so the size limit can
+# be fuzzed on both sides without sending the default 32 MiB each time.
+SMALL_BODY = 4096
+
+
+@dataclass
+class FuzzGateway:
+    stack: FuzzStack
+    session: aiohttp.ClientSession
+    # Absolute base URLs: requests carry raw paths (dots, %2F) the client must
+    # not normalise, so nothing is joined to a base URL.
+    url: str
+    small_url: str
+    max_body: int
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fuzz_gateway(fuzz_stack: FuzzStack) -> AsyncIterator[FuzzGateway]:
+    """The HTTP gateway (and one with a small body limit) in front of the stack."""
+    settings = load_settings(generation_address=fuzz_stack.address)
+    runner = await start_gateway(settings, "127.0.0.1:0")
+    small = await start_gateway(
+        load_settings(generation_address=fuzz_stack.address, gateway_max_body_bytes=SMALL_BODY),
+        "127.0.0.1:0",
+    )
+    # Hostile requests may be refused before their bodies are read: a fresh
+    # connection each time keeps one refusal from spoiling the next request.
+    connector = aiohttp.TCPConnector(limit=20, force_close=True)
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            yield FuzzGateway(
+                fuzz_stack,
+                session,
+                f"http://127.0.0.1:{runner.addresses[0][1]}",
+                f"http://127.0.0.1:{small.addresses[0][1]}",
+                settings.gateway_max_body_bytes,
+            )
+    finally:
+        await small.cleanup()
+        await runner.cleanup()

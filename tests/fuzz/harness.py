@@ -217,12 +217,12 @@ def assert_rejected(
         assert outcome.violations, f"no field violations: {outcome}"
         named = [name for name, _ in outcome.violations]
         if fields:
-            assert any(_names(n, f) for n in named for f in fields), (
+            assert any(names_field(n, f) for n in named for f in fields), (
                 f"expected a violation of {sorted(fields)}: {outcome}"
             )
 
 
-def _names(named: str, expected: str) -> bool:
+def names_field(named: str, expected: str) -> bool:
     """`named` (a violation's field) is `expected` or inside it, or, clipped
     to the status budget (services.errors.clip), the start of it."""
     if named.startswith(expected):

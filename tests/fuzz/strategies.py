@@ -5,12 +5,16 @@ bytes that are not protobuf at all."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import io
+import json
 import struct
 import uuid
 import zlib
 from collections.abc import Sequence
+from datetime import timedelta, timezone
+from typing import Any
 
 from hypothesis import strategies as st
 from PIL import Image
@@ -226,6 +230,47 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
     max_leaves=8,
 )
+
+# ----- page tokens ---------------------------------------------------------------
+
+
+def _pack(value: Any) -> str:
+    """`value` as a page token is spelt: JSON (or raw bytes), URL-safe base64."""
+    text = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return base64.urlsafe_b64encode(text).decode().rstrip("=")
+
+
+ZONES = st.builds(
+    lambda minutes: timezone(timedelta(minutes=minutes)), st.integers(-23 * 60, 23 * 60)
+)
+MOMENTS = st.one_of(
+    st.datetimes().map(lambda d: d.isoformat()),
+    st.datetimes(timezones=ZONES).map(lambda d: d.isoformat()),
+    st.sampled_from(["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "", "now"]),
+    hostile_text(),
+)
+FORGED_TOKENS = st.one_of(
+    hostile_text(),
+    JSON_VALUES.map(_pack),
+    st.tuples(MOMENTS, st.one_of(st.uuids().map(str), hostile_text(), JSON_VALUES)).map(
+        lambda pair: _pack(list(pair))
+    ),
+    st.integers(1, 10_000).map(lambda depth: _pack(b"[" * depth + b"]" * depth)),
+    st.binary(max_size=80).map(_pack),
+)
+
+
+def page_tokens(real: str) -> st.SearchStrategy[str]:
+    """Tokens the service never issued: garbage, the right shape with wrong
+    contents, and a real token cut short or with a character changed."""
+    return st.one_of(
+        FORGED_TOKENS,
+        st.integers(0, len(real) - 1).map(lambda n: real[:n] or "x"),
+        st.tuples(st.integers(0, len(real) - 1), st.characters(codec="utf-8")).map(
+            lambda c: real[: c[0]] + c[1] + real[c[0] + 1 :]
+        ),
+    )
+
 
 # ----- raw protobuf ---------------------------------------------------------------
 
