@@ -29,10 +29,10 @@ from services.errors import DOMAIN
 T = TypeVar("T")
 
 UNSHRUNK = [Phase.explicit, Phase.reuse, Phase.generate]
-# Reproducible in CI (derandomize: the examples follow from the test's source,
-# no example database), no per-example deadline (a call may wait on the
-# database), and the health checks that only complain about slow or large
-# examples are off: hostile input is large and slow on purpose.
+# Reproducible in CI (derandomize: a fixed seed, no example database), no
+# per-example deadline (a call may wait on the database), and the health
+# checks that only complain about slow or large examples are off: hostile
+# input is large and slow on purpose.
 FUZZ_SETTINGS = settings(
     deadline=None,
     derandomize=True,
@@ -85,11 +85,13 @@ class Bridge:
 
 
 async def described(case: Any, check: Awaitable[None]) -> None:
-    """Await `check`; a failure names the case, cut to a readable length."""
+    """Await `check`; a failure (or a call that hung) names the case, cut to a
+    readable length: hostile cases can be megabytes."""
     try:
         await check
-    except AssertionError as error:
-        raise AssertionError(f"{clip(repr(case), 600)}\n-> {clip(str(error), 1200)}") from None
+    except Exception as error:
+        what = str(error) if isinstance(error, AssertionError) else repr(error)
+        raise AssertionError(f"{clip(repr(case), 600)}\n-> {clip(what, 1200)}") from None
 
 
 def clip(text: str, limit: int) -> str:
