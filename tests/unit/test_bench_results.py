@@ -12,30 +12,6 @@ import pytest
 
 from bench.results import REQUIRED, Report
 
-# The keys issue 7 lists for bench/results/latest.json.
-ISSUE_7_KEYS = {
-    "idle_gap.median_ms",
-    "idle_gap.p99_ms",
-    "idle_gap.utilisation_pct",
-    "baseline.idle_gap_median_ms",
-    "baseline.ratio",
-    "dispatch.p50_ms",
-    "dispatch.p99_ms",
-    "throughput.created_per_s",
-    "throughput.completed_per_s",
-    "throughput.vs_pgqueuer",
-    "fanout.p50_ms",
-    "fanout.p99_ms",
-    "image.mb_per_s",
-    "memory.generation_rss_mb",
-    "memory.worker_rss_mb",
-}
-
-
-def test_required_figures_are_the_issues() -> None:
-    assert set(REQUIRED) == ISSUE_7_KEYS
-    assert len(REQUIRED) == len(ISSUE_7_KEYS)
-
 
 def test_a_complete_report_writes_every_key_as_a_number(tmp_path: Path) -> None:
     report = Report(quick=True)
