@@ -9,6 +9,7 @@ maps the same classes to HTTP in one place of its own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
@@ -18,12 +19,16 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "lockn.gen"
-# Budgets of what a status carries (see to_rpc_status), in UTF-8 bytes: at
-# most about 12 KiB of trailers once percent-encoded and base64-encoded.
+# What a status may carry (see to_rpc_status). gRPC peers refuse trailers
+# past 8 KiB at random and always past 16 KiB, so the encoded status stays
+# under TRAILER_BYTES; the per-part budgets (UTF-8 bytes) shrink until it does.
+TRAILER_BYTES = 6 * 1024
 MESSAGE_BYTES = 1024
 FIELD_BYTES = 128
 DESCRIPTION_BYTES = 512
+METADATA_BYTES = 512
 MAX_VIOLATIONS = 8
+MAX_METADATA = 16
 
 
 class Reason(StrEnum):
@@ -155,27 +160,52 @@ def clip(text: str, limit: int) -> str:
 def to_rpc_status(error: LocknError) -> grpc.Status:
     """The gRPC status (with google.rpc details) that stands for `error`.
 
-    Messages and violations often quote the caller's input; they travel in
-    trailing metadata, which a client drops whole past 16 KiB (the call then
-    fails RESOURCE_EXHAUSTED instead). So each part is clipped to a budget
-    that keeps the trailers well below that, however long the input was.
+    Messages, violations and metadata often quote the caller's input (or long
+    model lists); they travel in trailing metadata, which a peer refuses past
+    8 KiB at random and past 16 KiB always (the caller then sees
+    RESOURCE_EXHAUSTED instead). So each part is clipped, and the budgets are
+    halved until the encoded trailers fit, however long the input was.
     """
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-    message = clip(error.message, MESSAGE_BYTES)
+    share = 1.0
+    status = _status(error, share)
+    while trailer_bytes(status) > TRAILER_BYTES and share > 1 / 64:
+        share /= 2
+        status = _status(error, share)
+    return rpc_status.to_status(status)
+
+
+def trailer_bytes(status: status_pb2.Status) -> int:
+    """The size of grpc-message (percent-encoded) and grpc-status-details-bin (base64)."""
+    message = status.message.encode()
+    escaped = sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in message)
+    return escaped + 4 * math.ceil(len(status.SerializeToString()) / 3)
+
+
+def _status(error: LocknError, share: float) -> status_pb2.Status:
+    def budget(size: int) -> int:
+        return max(16, int(size * share))
+
+    metadata = {
+        clip(key, budget(FIELD_BYTES)): clip(value, budget(METADATA_BYTES))
+        for key, value in list(error.metadata.items())[:MAX_METADATA]
+    }
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
+    message = clip(error.message, budget(MESSAGE_BYTES))
     status = status_pb2.Status(code=error.code.value[0], message=message)
     status.details.add().Pack(info)
     if isinstance(error, InvalidArgument):
         bad = error_details_pb2.BadRequest()
         for field, why in error.violations[:MAX_VIOLATIONS]:
             bad.field_violations.add(
-                field=clip(field, FIELD_BYTES), description=clip(why, DESCRIPTION_BYTES)
+                field=clip(field, budget(FIELD_BYTES)),
+                description=clip(why, budget(DESCRIPTION_BYTES)),
             )
         status.details.add().Pack(bad)
     if isinstance(error, ResourceExhausted):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after_seconds * 1000))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    return rpc_status.to_status(status)
+    return status
 
 
 def internal_status(message: str = "internal error") -> grpc.Status:
