@@ -1,4 +1,8 @@
-"""Reads the `.http` and `.jsonl` files recorded from a real ComfyUI."""
+"""Reads the `.http` and `.jsonl` files recorded from a real ComfyUI.
+
+The recordings are copied from `../shared/comfyui/` into the repository so the
+suite runs from a clean clone; their README says how they were made.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RECORDINGS = Path(__file__).resolve().parents[3] / "shared" / "comfyui"
+RECORDINGS = Path(__file__).resolve().parent / "comfyui_recordings"
 
 
 @dataclass

@@ -13,10 +13,6 @@ import pytest
 from tests.fixtures.simulator import RunningSimulator, StartSimulator
 from tests.simulator.recordings import RECORDINGS, exchange, websocket_frames
 
-pytestmark = pytest.mark.skipif(
-    not RECORDINGS.is_dir(), reason=f"recordings of a real ComfyUI not found at {RECORDINGS}"
-)
-
 VALIDATION_ERRORS = sorted(p.name for p in RECORDINGS.glob("04*.http"))
 # What the recording server had on disk when the validation errors were
 # recorded (no checkpoint yet), so model and file lists match exactly.
