@@ -17,11 +17,11 @@ Methods without request fields (ListTemplates, GetStats, GetSystemStats,
 ListModels) meet their hostile input as raw bytes, as every method does:
 malformed protobuf, invalid UTF-8 in strings, unknown and mistyped fields.
 
-Example counts (`EXAMPLES`): 1000-2000 per GenerationService method, fewer
-for ComfyWorker calls that each reach ComfyUI (400-800), and 250 raw-bytes
-requests for each of the fourteen methods: about 15,700 cases, run ten to a
-hypothesis example and concurrently, in about 40 s on two cores. Scale them
-with LOCKN_FUZZ_SCALE; LOCKN_FUZZ_SHRINK=1 shrinks a failure (see harness).
+Example counts (`EXAMPLES`): 1000-2000 typed requests per method with
+request fields, and 1000 raw-bytes requests for each of the fourteen methods:
+about 26,500 cases, run ten to a hypothesis example and concurrently, in
+about 2 minutes on two cores. Scale them with LOCKN_FUZZ_SCALE;
+LOCKN_FUZZ_SHRINK=1 shrinks a failure (see harness).
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ EXAMPLES = {
     "GetGenerationImage": 1000,
     "WatchGeneration": 1000,
     "WatchGenerations": 1500,
-    "Execute": 400,
-    "Attach": 500,
-    "Cancel": 800,
-    "raw": 250,  # per method, all fourteen
+    "Execute": 1000,
+    "Attach": 1000,
+    "Cancel": 1000,
+    "raw": 1000,  # per method, all fourteen
 }
 GENERATION = "/lockn.generation.v1.GenerationService/"
 WORKER = "/lockn.comfyworker.v1.ComfyWorkerService/"
