@@ -157,15 +157,17 @@ class Dispatcher:
             job_id = str(generation_id)
             prompt_id = prompt_id_for(job_id)
             bound = bound.bind(prompt_id=prompt_id)
-            await self._write(job, self.queue.dispatched(job.fence, job.handle.name, prompt_id))
+            # Two round trips on two connections at once: the input read does
+            # not depend on the DISPATCHED write, and both stand before Execute.
+            _, inputs = await asyncio.gather(
+                self._write(job, self.queue.dispatched(job.fence, job.handle.name, prompt_id)),
+                self.queue.inputs(generation_id),
+            )
             request = worker.ExecuteRequest(
                 job_id=job_id,
                 graph_json=job.row["graph"],
                 timeout_seconds=job.row["timeout_seconds"],
-                input_images=[
-                    worker.InputImage(name=name, data=data)
-                    for name, data in await self.queue.inputs(generation_id)
-                ],
+                input_images=[worker.InputImage(name=name, data=data) for name, data in inputs],
             )
             await self._execute(job, request, claimed)
         except LeaseLost:
