@@ -10,8 +10,10 @@ back as `PromptRejected` with ComfyUI's body, for the classifier.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -32,6 +34,14 @@ MODEL_LOADERS = {
     "vae": ("VAELoader", "vae_name"),
     "upscale_models": ("UpscaleModelLoader", "model_name"),
 }
+# The first release whose source we read with GET /api/jobs/{id}
+# (comfy_execution/jobs.py; upstream PR #11054). Neither /features nor any
+# other route advertises the jobs API, so the version is the only signal.
+JOBS_API_SINCE = (0, 15, 0)
+# Statuses of a job in history; "cancelled" (an interrupted prompt) came after
+# the first jobs release, which called it "failed".
+FINISHED_STATUSES = ("completed", "failed", "cancelled")
+VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
 
 
 class ComfyUIUnreachable(Exception):
@@ -93,6 +103,27 @@ class QueueState:
         return None
 
 
+class JobState(enum.Enum):
+    UNKNOWN = "unknown"  # neither queued nor in history (never sent, or a restart lost it)
+    PENDING = "pending"
+    RUNNING = "running"
+    FINISHED = "finished"  # in history: completed, failed or interrupted
+
+
+@dataclass(frozen=True)
+class Job:
+    """Where ComfyUI has one prompt, from /api/jobs/{id} or from /queue + /history."""
+
+    state: JobState
+    # Prompts running or waiting before it (0 while running); None when not queued.
+    position: int | None = None
+    # Once finished: the entry in /history/{id}'s shape (prompt, outputs, status).
+    entry: JsonDict | None = None
+
+
+UNKNOWN_JOB = Job(JobState.UNKNOWN)
+
+
 class ComfyUIClient:
     def __init__(
         self,
@@ -108,6 +139,7 @@ class ComfyUIClient:
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
         self._features: JsonDict | None = None
+        self._jobs_api: bool | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -145,6 +177,46 @@ class ComfyUIClient:
             except ComfyUIRejected:
                 self._features = {}
         return self._features
+
+    def forget_server(self) -> None:
+        """Drop what was learnt about the server (features, jobs API): called when
+        ComfyUI's websocket reopens, since a restart may be an upgrade or downgrade."""
+        self._features = None
+        self._jobs_api = None
+
+    async def has_jobs_api(self) -> bool:
+        """Whether this ComfyUI serves /api/jobs, from the version /system_stats
+        reports (cached until `forget_server`). An unreadable version means no."""
+        if self._jobs_api is None:
+            stats = await self.system_stats()
+            version = str(stats.get("system", {}).get("comfyui_version", ""))
+            self._jobs_api = jobs_api_in(version)
+            log.info("comfyui_jobs_api", version=version, available=self._jobs_api)
+        return self._jobs_api
+
+    async def job(self, prompt_id: str, *, with_position: bool = False) -> Job:
+        """GET /api/jobs/{id}: the prompt's state in one request (servers with the
+        jobs API only). A finished job carries its outputs and execution status,
+        so no /history read is needed. A pending job's position costs a second
+        request (the job list), so it is read only `with_position`."""
+        answer = await self._json("GET", f"/api/jobs/{prompt_id}", missing_ok=True)
+        if answer is None:
+            return UNKNOWN_JOB
+        status = answer.get("status")
+        if status in FINISHED_STATUSES:
+            return Job(JobState.FINISHED, entry=history_entry(prompt_id, answer))
+        if status == "pending":
+            ahead = await self._jobs_ahead(answer.get("priority")) if with_position else None
+            return Job(JobState.PENDING, ahead)
+        # in_progress (or a status newer than this client): not finished, keep following.
+        return Job(JobState.RUNNING, 0)
+
+    async def _jobs_ahead(self, priority: Any) -> int:
+        """Prompts running or waiting before a pending one: ComfyUI runs its queue
+        in priority (queue number) order, and a single job does not say where it is."""
+        answer = await self._json("GET", "/api/jobs", params={"status": "in_progress,pending"})
+        jobs = answer.get("jobs", []) if isinstance(answer, dict) else []
+        return sum(1 for job in jobs if _runs_before(job, priority))
 
     async def queue_prompt(
         self, graph: Mapping[str, Any], client_id: str, prompt_id: str | None = None
@@ -258,16 +330,23 @@ class ComfyUIClient:
         path: str,
         *,
         body: JsonDict | None = None,
+        params: Mapping[str, str] | None = None,
         retry: bool = True,
         timeout: float | None = None,
+        missing_ok: bool = False,
     ) -> Any:
+        """The JSON answer; with `missing_ok`, None for a 404 that is ComfyUI's own
+        JSON error body (an unknown id), never for a route the server lacks."""
         limit = aiohttp.ClientTimeout(total=timeout, sock_connect=timeout) if timeout else None
 
         async def send() -> Any:
             async with self.session.request(
-                method, self.url(path), json=body, timeout=limit
+                method, self.url(path), json=body, params=params, timeout=limit
             ) as response:
                 await self._raise_for_transient(path, response)
+                if missing_ok and response.status == 404 and await _is_json_error(response):
+                    metrics.COMFYUI_REQUESTS.labels(route=_route(path), outcome="ok").inc()
+                    return None
                 await self._raise_for_client_error(path, response)
                 text = await response.text()
                 return json.loads(text) if text.strip() else {}
@@ -337,6 +416,47 @@ def output_images(history: JsonDict) -> list[ImageRef]:
     return found
 
 
+def jobs_api_in(version: str) -> bool:
+    """Whether a ComfyUI reporting `version` (e.g. "0.3.64", "v0.15.0-3-gabc")
+    serves /api/jobs."""
+    match = VERSION.match(version.strip())
+    return match is not None and tuple(map(int, match.groups())) >= JOBS_API_SINCE
+
+
+def history_entry(prompt_id: str, job: JsonDict) -> JsonDict:
+    """A finished job from /api/jobs/{id} in /history/{id}'s entry shape: the job
+    carries the same outputs, the same status (`execution_status`) and the graph."""
+    workflow = job.get("workflow") or {}
+    return {
+        "prompt": [
+            job.get("priority", 0),
+            prompt_id,
+            workflow.get("prompt") or {},
+            workflow.get("extra_data") or {},
+            [],
+        ],
+        "outputs": job.get("outputs") or {},
+        "status": job.get("execution_status") or {},
+    }
+
+
+def _runs_before(job: JsonDict, priority: Any) -> bool:
+    if job.get("status") == "in_progress":
+        return True
+    theirs = job.get("priority")
+    numbers = (int, float)
+    return isinstance(theirs, numbers) and isinstance(priority, numbers) and theirs < priority
+
+
+async def _is_json_error(response: aiohttp.ClientResponse) -> bool:
+    try:
+        answer = json.loads(await response.text())
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and "error" in answer
+
+
 def _route(path: str) -> str:
     """A metric label without ids in it."""
-    return "/" + path.strip("/").split("/")[0]
+    parts = path.strip("/").split("/")
+    return "/" + "/".join(parts[:2] if parts[0] == "api" else parts[:1])

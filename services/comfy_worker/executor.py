@@ -22,6 +22,7 @@ from services.comfy_worker.comfyui import (
     ComfyUIClient,
     ComfyUIRejected,
     ComfyUIUnreachable,
+    JobState,
     PromptRejected,
     output_images,
 )
@@ -89,8 +90,7 @@ class Executor:
         accepted = await self.client.queue_prompt(graph, self.tracker.client_id, prompt_id)
         if accepted.prompt_id != prompt_id:
             self._adopt(prompt_id, accepted.prompt_id)
-        position = (await self.client.queue()).position(accepted.prompt_id) or 0
-        return accepted.prompt_id, accepted.number, position
+        return accepted.prompt_id, accepted.number, await self._position(accepted.prompt_id)
 
     async def attach(self, request: worker.AttachRequest) -> AsyncIterator[Event]:
         prompt_id = request.prompt_id
@@ -104,19 +104,32 @@ class Executor:
                 yield event
 
     async def cancel(self, prompt_id: str) -> worker.CancelOutcome.ValueType:
+        """Deletes a waiting prompt, interrupts a running one. ComfyUI has no
+        per-job cancel route (through 0.15 at least), so the jobs API only
+        replaces the /queue read that tells the two apart."""
         prompt_id = self._aliases.get(prompt_id, prompt_id)
-        queue = await self.client.queue()
-        if prompt_id in queue.pending:
+        state = await self._queued_state(prompt_id)
+        if state is JobState.PENDING:
             self._cancelled.add(prompt_id)
             await self.client.delete([prompt_id])
             # A deleted prompt sends nothing more: end its stream ourselves.
             await self.tracker.reconcile(prompt_id)
             return worker.CANCEL_OUTCOME_DELETED
-        if prompt_id in queue.running:
+        if state is JobState.RUNNING:
             self._cancelled.add(prompt_id)
             await self.client.interrupt(prompt_id)
             return worker.CANCEL_OUTCOME_INTERRUPTED
         return worker.CANCEL_OUTCOME_NOT_FOUND
+
+    async def _queued_state(self, prompt_id: str) -> JobState:
+        """PENDING or RUNNING while in ComfyUI's queue, else UNKNOWN (finished or absent)."""
+        if await self.client.has_jobs_api():
+            state = (await self.client.job(prompt_id)).state
+            return state if state in (JobState.PENDING, JobState.RUNNING) else JobState.UNKNOWN
+        queue = await self.client.queue()
+        if prompt_id in queue.pending:
+            return JobState.PENDING
+        return JobState.RUNNING if prompt_id in queue.running else JobState.UNKNOWN
 
     # ----- following a prompt ------------------------------------------------------
 
@@ -133,6 +146,9 @@ class Executor:
     async def _known_position(self, prompt_id: str) -> int | None:
         """Where ComfyUI has this prompt already (queued or finished), else None."""
         prompt_id = self._aliases.get(prompt_id, prompt_id)
+        if await self.client.has_jobs_api():
+            job = await self.client.job(prompt_id, with_position=True)
+            return None if job.state is JobState.UNKNOWN else job.position or 0
         queue = await self.client.queue()
         position = queue.position(prompt_id)
         if position is not None:
@@ -140,6 +156,12 @@ class Executor:
         if await self.client.history(prompt_id) is not None:
             return 0
         return None
+
+    async def _position(self, prompt_id: str) -> int:
+        """Where a prompt just queued waits (0 if it already runs or finished)."""
+        if await self.client.has_jobs_api():
+            return (await self.client.job(prompt_id, with_position=True)).position or 0
+        return (await self.client.queue()).position(prompt_id) or 0
 
     async def _follow(self, stream: PromptStream, timeout_seconds: int) -> AsyncIterator[Event]:
         prompt_id = stream.prompt_id

@@ -6,9 +6,9 @@ frames only to the clientId that queued it. So the clientId is stable across
 restarts of the same worker, and whenever the socket (re)opens, every
 PollIntervalMs while none can be opened, and for any prompt quiet for a
 PollIntervalMs (queued by an earlier socket), each prompt being followed is
-reconciled with /history/{id} and /queue: a prompt that finished meanwhile
-gets its history entry, one ComfyUI no longer knows (a restart lost it) is
-reported lost. Nothing waits forever.
+reconciled with /api/jobs/{id} (on releases without it, /history/{id} and
+/queue): a prompt that finished meanwhile gets its history entry, one ComfyUI
+no longer knows (a restart lost it) is reported lost. Nothing waits forever.
 """
 
 from __future__ import annotations
@@ -25,7 +25,13 @@ from typing import Any
 import aiohttp
 
 from services import metrics
-from services.comfy_worker.comfyui import ComfyUIClient, ComfyUIUnreachable
+from services.comfy_worker.comfyui import (
+    UNKNOWN_JOB,
+    ComfyUIClient,
+    ComfyUIUnreachable,
+    Job,
+    JobState,
+)
 from services.log import get_logger
 
 log = get_logger(component="comfyui_ws")
@@ -108,17 +114,24 @@ class Tracker:
         if stream is None:
             return
         stream.heard = time.monotonic()
+        job = await self._locate(prompt_id)
+        if job.state is JobState.FINISHED:
+            stream.put(HISTORY, job.entry)
+        elif job.state is JobState.UNKNOWN:
+            stream.put(LOST, {"prompt_id": prompt_id})
+
+    async def _locate(self, prompt_id: str) -> Job:
+        if await self.client.has_jobs_api():
+            # One read: ComfyUI looks in its queue, then its history, so a prompt
+            # finishing meanwhile is found in one or the other.
+            return await self.client.job(prompt_id)
         entry = await self.client.history(prompt_id)
         if entry is None:
-            queue = await self.client.queue()
-            if queue.position(prompt_id) is not None:
-                return
+            if (await self.client.queue()).position(prompt_id) is not None:
+                return Job(JobState.RUNNING)
             # It may have finished between the two reads.
             entry = await self.client.history(prompt_id)
-        if entry is not None:
-            stream.put(HISTORY, entry)
-        else:
-            stream.put(LOST, {"prompt_id": prompt_id})
+        return Job(JobState.FINISHED, entry=entry) if entry is not None else UNKNOWN_JOB
 
     async def reconcile_all(self) -> None:
         for prompt_id in self.followed:
@@ -163,6 +176,8 @@ class Tracker:
         async with self.client.session.ws_connect(url, heartbeat=20, max_msg_size=0) as ws:
             self.connected.set()
             log.info("comfyui_ws_connected", client_id=self.client_id)
+            # The socket drops when ComfyUI restarts, maybe as another release.
+            self.client.forget_server()
             await ws.send_json({"type": "feature_flags", "data": {}})
             # Frames of the downtime are lost: catch up on every followed prompt.
             await self.reconcile_all()
