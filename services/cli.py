@@ -87,6 +87,11 @@ def _add_simulator(commands: Any) -> None:
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8188)
     sub.add_argument("--step-seconds", type=float, default=0.05, help="time per sampler step")
+    sub.add_argument(
+        "--jobs-api",
+        action="store_true",
+        help="behave as a newer ComfyUI serving /api/jobs (default: the recorded 0.3.64)",
+    )
     sub.set_defaults(run=_lazy("services.simulator.server", "serve"))
 
 

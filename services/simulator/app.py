@@ -20,7 +20,7 @@ import json
 import tempfile
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,10 @@ OOM_MESSAGE = (
     "Allocation on device 0 would exceed allowed memory. (out of memory)\n"
     "Currently allocated     : 7.61 GiB\nRequested               : 1.50 GiB\n"
 )
+RECORDED_VERSION = "0.3.64"
+# A release whose source has /api/jobs; /system_stats is where it shows.
+JOBS_API_VERSION = "0.15.0"
+REQUEST_LOG = 10_000
 JsonDict = dict[str, Any]
 
 
@@ -53,6 +57,9 @@ class SimulatorOptions:
     history_max: int = 10_000
     # Older ComfyUI releases ignore a client-chosen prompt_id and assign their own.
     client_prompt_ids: bool = True
+    # Behave as a newer ComfyUI (JOBS_API_VERSION) serving /api/jobs; off, the
+    # recorded 0.3.64 that has no such route.
+    jobs_api: bool = False
 
 
 @dataclass
@@ -76,6 +83,11 @@ class Prompt:
 
     def as_queue_item(self) -> list[Any]:
         return [self.number, self.prompt_id, self.graph, self.extra_data, self.outputs]
+
+    @property
+    def create_time(self) -> int | None:
+        value = self.extra_data.get("create_time")
+        return value if isinstance(value, int) else None
 
     @property
     def client_id(self) -> str | None:
@@ -118,6 +130,9 @@ class Simulator:
             folder.mkdir(parents=True, exist_ok=True)
         self.object_info = self._object_info()
         self.runs: list[Run] = []
+        # (method, path) of every ComfyUI request, oldest first: what a test
+        # asserts a client did or did not ask.
+        self.requests: deque[tuple[str, str]] = deque(maxlen=REQUEST_LOG)
         self.faults = Faults()
         self._sockets: dict[str, set[web.WebSocketResponse]] = {}
         self._reset_state()
@@ -467,6 +482,10 @@ class Simulator:
 
     def input_path(self, name: str) -> Path:
         return safe_path(self.dirs["input"], "", name)
+
+    @property
+    def version(self) -> str:
+        return JOBS_API_VERSION if self.options.jobs_api else RECORDED_VERSION
 
 
 def status_message(remaining: int, sid: str | None = None) -> JsonDict:

@@ -1,17 +1,22 @@
 """The simulator's HTTP routes, each also under /api as ComfyUI serves them,
-plus the `/_simulator/...` control API the fault tests drive from outside."""
+plus the `/_simulator/...` control API the fault tests drive from outside.
+
+With `SimulatorOptions.jobs_api`, the jobs routes of newer releases too. ComfyUI
+declares them as /api/jobs and then adds its /api prefix to every route, so
+they answer at /api/jobs and /api/api/jobs, never at /jobs."""
 
 from __future__ import annotations
 
 import json
 import platform
+import time
 import uuid
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 
-from services.simulator import validation
+from services.simulator import jobs, validation
 from services.simulator.app import Simulator, safe_path, status_message
 
 CONTROL = "/_simulator/"
@@ -22,6 +27,7 @@ def middlewares(simulator: Simulator) -> list[Any]:
     async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith(CONTROL):
             return await handler(request)
+        simulator.requests.append((request.method, request.path))
         await simulator.faults.unless_hung()
         f = simulator.faults
         if f.http_errors > 0 and (not f.http_paths or request.path.startswith(f.http_paths)):
@@ -65,7 +71,12 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
     for method, path, handler in table:
         app.router.add_route(method, path, handler)
         app.router.add_route(method, "/api" + path, handler)
+    if sim.options.jobs_api:
+        for prefix in ("/api", "/api/api"):
+            app.router.add_get(prefix + "/jobs", handlers.get_jobs)
+            app.router.add_get(prefix + "/jobs/{job_id}", handlers.get_job)
     app.router.add_get(CONTROL + "runs", handlers.control_runs)
+    app.router.add_get(CONTROL + "requests", handlers.control_requests)
     app.router.add_post(CONTROL + "faults", handlers.control_faults)
 
 
@@ -99,6 +110,9 @@ class _Handlers:
         extra = dict(body.get("extra_data") or {})
         if body.get("client_id"):
             extra["client_id"] = body["client_id"]
+        if self.sim.options.jobs_api:
+            # Releases with the jobs API stamp each prompt; its create_time comes from here.
+            extra["create_time"] = int(time.time() * 1000)
         prompt = self.sim.enqueue(body["prompt"], extra, outputs, prompt_id)
         await self.sim.announce_queue()
         return _json({"prompt_id": prompt.prompt_id, "number": prompt.number, "node_errors": {}})
@@ -140,6 +154,23 @@ class _Handlers:
         prompt_id = request.match_info["prompt_id"]
         entry = self.sim.history.get(prompt_id)
         return _json({prompt_id: entry} if entry is not None else {})
+
+    def _queue_items(self) -> tuple[list[list[Any]], list[list[Any]]]:
+        running = [self.sim.running.as_queue_item()] if self.sim.running else []
+        return running, [p.as_queue_item() for p in self.sim.pending]
+
+    async def get_jobs(self, request: web.Request) -> web.Response:
+        running, pending = self._queue_items()
+        try:
+            answer = jobs.list_jobs(request.query, running, pending, self.sim.history)
+        except jobs.BadQuery as error:
+            return _json({"error": str(error)}, 400)
+        return _json(answer)
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        running, pending = self._queue_items()
+        job = jobs.find_job(request.match_info["job_id"], running, pending, self.sim.history)
+        return _json(job) if job is not None else _json({"error": "Job not found"}, 404)
 
     async def post_history(self, request: web.Request) -> web.Response:
         body = await _body(request)
@@ -204,7 +235,7 @@ class _Handlers:
                     "os": "posix",
                     "ram_total": 25276063744,
                     "ram_free": 23849889792,
-                    "comfyui_version": "0.3.64",
+                    "comfyui_version": self.sim.version,
                     "required_frontend_version": "1.27.10",
                     "installed_templates_version": "0.1.95",
                     "required_templates_version": "0.1.95",
@@ -277,6 +308,9 @@ class _Handlers:
             for r in self.sim.runs
         ]
         return _json({"runs": runs})
+
+    async def control_requests(self, request: web.Request) -> web.Response:
+        return _json({"requests": [[m, p] for m, p in self.sim.requests]})
 
     async def control_faults(self, request: web.Request) -> web.Response:
         body = await _body(request)

@@ -16,7 +16,7 @@ log = get_logger(component="simulator")
 
 
 async def serve(settings: Settings, args: argparse.Namespace) -> None:
-    app = create_app(SimulatorOptions(step_seconds=args.step_seconds))
+    app = create_app(SimulatorOptions(step_seconds=args.step_seconds, jobs_api=args.jobs_api))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
