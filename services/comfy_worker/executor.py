@@ -59,6 +59,9 @@ class Executor:
     async def execute(self, request: worker.ExecuteRequest) -> AsyncIterator[Event]:
         prompt_id = prompt_id_for(request.job_id)
         log.info("job_received", job_id=request.job_id, prompt_id=prompt_id)
+        if request.comfyui_prompt_id and request.comfyui_prompt_id != prompt_id:
+            # An earlier attempt learnt ComfyUI's own id: this worker may be new.
+            self._adopt(prompt_id, request.comfyui_prompt_id)
         try:
             actual, number, position = await self._submit(request, prompt_id)
         except PromptRejected as rejected:
@@ -71,7 +74,12 @@ class Executor:
             yield _event(failed=classify.failed(prompt_id, Reason.INVALID_WORKFLOW, str(error)))
             return
         yield _event(
-            accepted=worker.Accepted(prompt_id=prompt_id, number=number, queue_position=position)
+            accepted=worker.Accepted(
+                prompt_id=prompt_id,
+                number=number,
+                queue_position=position,
+                comfyui_prompt_id=actual,
+            )
         )
         # Frames sent before this point wait in the tracker's early buffer.
         with self.tracker.follow(actual) as stream:
@@ -89,6 +97,7 @@ class Executor:
         graph = await self._with_inputs(request, prompt_id)
         accepted = await self.client.queue_prompt(graph, self.tracker.client_id, prompt_id)
         if accepted.prompt_id != prompt_id:
+            log.warning("comfyui_assigned_prompt_id", ours=prompt_id, theirs=accepted.prompt_id)
             self._adopt(prompt_id, accepted.prompt_id)
         return accepted.prompt_id, accepted.number, await self._position(accepted.prompt_id)
 
@@ -135,10 +144,8 @@ class Executor:
 
     def _adopt(self, ours: str, theirs: str) -> None:
         """ComfyUI ignored our prompt_id (releases before client-chosen ids):
-        follow and cancel by its own. A job sent again finds its prompt only
-        while this worker lives, so re-attaching after a worker restart needs a
-        ComfyUI that accepts client prompt ids."""
-        log.warning("comfyui_assigned_prompt_id", ours=ours, theirs=theirs)
+        follow and cancel by its own. Accepted reports it, so the caller can
+        send it back (ExecuteRequest.comfyui_prompt_id) to a restarted worker."""
         self._aliases[ours] = theirs
         while len(self._aliases) > MAX_ALIASES:
             self._aliases.pop(next(iter(self._aliases)))

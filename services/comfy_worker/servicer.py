@@ -18,10 +18,10 @@ JOB_ID_MAX = 200
 PROMPT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
-def check_prompt_id(value: str) -> None:
+def check_prompt_id(value: str, field: str = "prompt_id") -> None:
     if not PROMPT_ID.fullmatch(value):
         raise InvalidArgument.field(
-            "prompt_id", "required: 1-128 letters, digits, '_' or '-' (a ComfyUI prompt id)"
+            field, "required: 1-128 letters, digits, '_' or '-' (a ComfyUI prompt id)"
         )
 
 
@@ -37,6 +37,8 @@ class ComfyWorkerServicer(worker_grpc.ComfyWorkerServiceServicer):
             raise InvalidArgument.field("job_id", f"required, at most {JOB_ID_MAX} characters")
         if not request.graph_json:
             raise InvalidArgument.field("graph_json", "required")
+        if request.comfyui_prompt_id:
+            check_prompt_id(request.comfyui_prompt_id, "comfyui_prompt_id")
         async for event in self.executor.execute(request):
             yield worker.ExecuteResponse(event=event)
 

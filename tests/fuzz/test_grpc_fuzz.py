@@ -27,6 +27,7 @@ LOCKN_FUZZ_SHRINK=1 shrinks a failure (see harness).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,9 @@ WORKER_IMAGES = st.lists(
 )
 
 
+PROMPT_ID = st.from_regex(r"\A[A-Za-z0-9_-]{1,128}\Z")
+
+
 @dataclass
 class ExecuteCase:
     request: worker.ExecuteRequest
@@ -290,12 +294,16 @@ def hostile_executes(draw: st.DrawFn) -> ExecuteCase:
         else st.builds(lambda j: f"fuzz-{j}"[:200], job_ok)
     )
     graph = draw(st.one_of(st.just(""), HOSTILE_GRAPHS))
+    theirs = draw(st.one_of(st.just(""), PROMPT_ID, hostile_text()))
     fields = ({"job_id"} if bad_job else set()) | ({"graph_json"} if not graph else set())
+    if theirs and not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", theirs):
+        fields.add("comfyui_prompt_id")
     request = worker.ExecuteRequest(
         job_id=job_id,
         graph_json=graph,
         input_images=draw(WORKER_IMAGES),
         timeout_seconds=draw(boundary_ints(*UINT32)),
+        comfyui_prompt_id=theirs,
     )
     return ExecuteCase(request, fields)
 
@@ -316,9 +324,6 @@ async def test_worker_execute(fuzz_stack: FuzzStack) -> None:
         assert not failed.retryable and failed.prompt_id == prompt_id_for(case.request.job_id)
 
     await fuzz(fuzz_stack, "Execute", hostile_executes(), check)
-
-
-PROMPT_ID = st.from_regex(r"\A[A-Za-z0-9_-]{1,128}\Z")
 
 
 async def test_worker_attach(fuzz_stack: FuzzStack) -> None:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.comfy_worker.executor import prompt_id_for
 from services.comfy_worker.server import stable_client_id
 from services.contracts import worker
+from services.errors import InvalidArgument, from_rpc_error
 from services.generation.templates import ImageRef, TemplateLibrary
 from tests.fixtures.simulator import RunningSimulator, StartSimulator
 from tests.fixtures.worker import StartWorker, WorkerClient
@@ -295,8 +296,22 @@ async def test_a_comfyui_that_assigns_its_own_prompt_ids_still_works(
     assert events[0].accepted.prompt_id == prompt_id_for("job-old-comfy")
     assert events[-1].HasField("completed") and len(images(events)) == 1
     assert simulator.sim.runs[0].prompt_id != prompt_id_for("job-old-comfy")
+    theirs = simulator.sim.runs[0].prompt_id
+    assert events[0].accepted.comfyui_prompt_id == theirs
     again = await run(client, "job-old-comfy", graph())
     assert again[-1].HasField("completed") and len(simulator.sim.runs) == 1
+
+    # A restarted worker has no memory of ComfyUI's id: the caller hands it back.
+    restarted = await worker_factory(simulator)
+    resent = await run(restarted, "job-old-comfy", graph(), comfyui_prompt_id=theirs)
+    assert resent[0].accepted.comfyui_prompt_id == theirs
+    assert resent[-1].HasField("completed") and len(simulator.sim.runs) == 1
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await run(restarted, "job-old-comfy", graph(), comfyui_prompt_id="../../free")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = from_rpc_error(refused.value)
+    assert isinstance(error, InvalidArgument)
+    assert [name for name, _ in error.violations] == ["comfyui_prompt_id"]
 
     simulator.sim.set_step_seconds(0.05)
     running = asyncio.create_task(run(client, "job-old-cancel", graph(steps=100)))

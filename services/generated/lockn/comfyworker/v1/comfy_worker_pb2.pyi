@@ -77,6 +77,7 @@ class ExecuteRequest(_message.Message):
     GRAPH_JSON_FIELD_NUMBER: _builtins.int
     INPUT_IMAGES_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    COMFYUI_PROMPT_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Caller's id for this attempt (generation id and attempt), bound to logs."""
     graph_json: _builtins.str
@@ -85,6 +86,13 @@ class ExecuteRequest(_message.Message):
     """
     timeout_seconds: _builtins.int
     """0 means the worker's configured default."""
+    comfyui_prompt_id: _builtins.str
+    """The id ComfyUI knows this job's prompt by, as an earlier Accepted
+    reported it (comfyui_prompt_id). It differs from the id derived from
+    job_id only where ComfyUI ignored that one (releases before client-chosen
+    ids); the worker then follows it while ComfyUI still has the prompt, so a
+    job sent again after a worker restart runs once. Empty: the derived id.
+    """
     @_builtins.property
     def input_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputImage]:
         """Uploaded to ComfyUI's input folder before the prompt is queued."""
@@ -96,10 +104,11 @@ class ExecuteRequest(_message.Message):
         graph_json: _builtins.str = ...,
         input_images: _abc.Iterable[Global___InputImage] | None = ...,
         timeout_seconds: _builtins.int = ...,
+        comfyui_prompt_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["graph_json", b"graph_json", "input_images", b"input_images", "job_id", b"job_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comfyui_prompt_id", b"comfyui_prompt_id", "graph_json", b"graph_json", "input_images", b"input_images", "job_id", b"job_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -219,21 +228,28 @@ class Accepted(_message.Message):
     PROMPT_ID_FIELD_NUMBER: _builtins.int
     NUMBER_FIELD_NUMBER: _builtins.int
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    COMFYUI_PROMPT_ID_FIELD_NUMBER: _builtins.int
     prompt_id: _builtins.str
     number: _builtins.int
     """ComfyUI's queue number for the prompt."""
     queue_position: _builtins.int
     """Prompts ahead of this one in ComfyUI's queue (0: it runs next or now)."""
+    comfyui_prompt_id: _builtins.str
+    """The id ComfyUI itself knows the prompt by: prompt_id, unless ComfyUI
+    ignored it and assigned its own. Send it back as
+    ExecuteRequest.comfyui_prompt_id.
+    """
     def __init__(
         self,
         *,
         prompt_id: _builtins.str = ...,
         number: _builtins.int = ...,
         queue_position: _builtins.int = ...,
+        comfyui_prompt_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["number", b"number", "prompt_id", b"prompt_id", "queue_position", b"queue_position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comfyui_prompt_id", b"comfyui_prompt_id", "number", b"number", "prompt_id", b"prompt_id", "queue_position", b"queue_position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
