@@ -92,6 +92,11 @@ def _add_simulator(commands: Any) -> None:
         action="store_true",
         help="behave as a newer ComfyUI serving /api/jobs (default: the recorded 0.3.64)",
     )
+    sub.add_argument(
+        "--assign-prompt-ids",
+        action="store_true",
+        help="ignore client-chosen prompt ids, as releases before them did",
+    )
     sub.set_defaults(run=_lazy("services.simulator.server", "serve"))
 
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +82,15 @@ class LocalStack:
         return env
 
     def start_simulator(
-        self, step_seconds: float = 0.05, port: int = 0, name: str = "simulator"
+        self,
+        step_seconds: float = 0.05,
+        port: int = 0,
+        name: str = "simulator",
+        flags: Sequence[str] = (),
     ) -> Part:
         port = port or free_port()
         args = ["simulate-comfyui", "--port", str(port), "--step-seconds", str(step_seconds)]
+        args += flags
         return self.start(name, args, self.env(), f"http://127.0.0.1:{port}", "/system_stats")
 
     def start_worker(self, name: str, comfy_url: str, port: int = 0, **settings: str) -> Part:

@@ -57,6 +57,8 @@ class Job:
     handle: WorkerHandle
     task: asyncio.Task[None] | None = None
     cancel_sent: bool = False
+    # The id ComfyUI knows the prompt by (see _run); "" until the job starts.
+    prompt_id: str = ""
     outputs: dict[int, _Output] = field(default_factory=dict)
     saved: list[dict[str, Any]] = field(default_factory=list)
 
@@ -155,12 +157,14 @@ class Dispatcher:
         bound = log.bind(generation_id=str(generation_id), worker=job.handle.name)
         try:
             job_id = str(generation_id)
-            prompt_id = prompt_id_for(job_id)
-            bound = bound.bind(prompt_id=prompt_id)
+            # Derived from the id, unless an earlier attempt met a ComfyUI that
+            # assigned its own: then that one, so the prompt is found again.
+            job.prompt_id = job.row["prompt_id"] or prompt_id_for(job_id)
+            bound = bound.bind(prompt_id=job.prompt_id)
             # Two round trips on two connections at once: the input read does
             # not depend on the DISPATCHED write, and both stand before Execute.
             _, inputs = await asyncio.gather(
-                self._write(job, self.queue.dispatched(job.fence, job.handle.name, prompt_id)),
+                self._write(job, self.queue.dispatched(job.fence, job.handle.name, job.prompt_id)),
                 self.queue.inputs(generation_id),
             )
             request = worker.ExecuteRequest(
@@ -199,6 +203,7 @@ class Dispatcher:
         gone_since: float | None = None
         while True:
             try:
+                request.comfyui_prompt_id = job.prompt_id
                 call = job.handle.stub.Execute(request, metadata=job.handle.metadata)
                 async for response in call:
                     gone_since = None
@@ -230,6 +235,10 @@ class Dispatcher:
         kind = event.WhichOneof("kind")
         if kind == "accepted":
             metrics.DISPATCH_LATENCY.observe(time.monotonic() - claimed)
+            theirs = event.accepted.comfyui_prompt_id
+            if theirs and theirs != job.prompt_id:
+                await self._write(job, self.queue.prompt_assigned(job.fence, theirs))
+                job.prompt_id = theirs
         elif kind == "started":
             row = await self._write(job, self.queue.started(job.fence))
             metrics.QUEUE_WAIT.observe(max(0.0, time.time() - row["created_at"].timestamp()))

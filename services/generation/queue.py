@@ -386,6 +386,23 @@ class Queue:
             prompt_id,
         )
 
+    async def prompt_assigned(self, fence: Fence, prompt_id: str) -> Record | None:
+        """The id ComfyUI gave the prompt when it ignored ours, kept for a later
+        attempt or a takeover to find the prompt by. Not an event: no state changed."""
+        row: Record | None = await self.pool.fetchrow(
+            """
+            UPDATE generations SET prompt_id = $4
+            WHERE id = $1 AND attempts = $2 AND lease_owner = $3
+              AND status IN ('DISPATCHED', 'RUNNING')
+            RETURNING *
+            """,
+            fence.id,
+            fence.attempt,
+            fence.owner,
+            prompt_id,
+        )
+        return row
+
     async def started(self, fence: Fence) -> Record | None:
         return await self._fenced(
             fence, "status = 'RUNNING', started_at = coalesce(started_at, now())", "STARTED", {}

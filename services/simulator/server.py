@@ -16,7 +16,12 @@ log = get_logger(component="simulator")
 
 
 async def serve(settings: Settings, args: argparse.Namespace) -> None:
-    app = create_app(SimulatorOptions(step_seconds=args.step_seconds, jobs_api=args.jobs_api))
+    options = SimulatorOptions(
+        step_seconds=args.step_seconds,
+        jobs_api=args.jobs_api,
+        client_prompt_ids=not args.assign_prompt_ids,
+    )
+    app = create_app(options)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)

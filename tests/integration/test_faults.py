@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +156,14 @@ async def assert_each_prompt_ran_once(simulator: Part, address: str, ids: list[s
 
 
 async def one_gpu(
-    stack: LocalStack, database_url: str, outputs: Path, step_seconds: float = 0.02, **settings: str
+    stack: LocalStack,
+    database_url: str,
+    outputs: Path,
+    step_seconds: float = 0.02,
+    simulator_flags: Sequence[str] = (),
+    **settings: str,
 ) -> tuple[Part, Part, Part]:
-    simulator = stack.start_simulator(step_seconds=step_seconds)
+    simulator = stack.start_simulator(step_seconds=step_seconds, flags=simulator_flags)
     await stack.wait_serving(simulator)
     worker = stack.start_worker("worker", simulator.address, **FAST_RETRIES)
     await stack.wait_serving(worker)
@@ -194,10 +199,19 @@ async def test_sigkill_of_a_replica_mid_run_loses_and_duplicates_nothing(
     await assert_each_prompt_ran_once(simulator, replica_b.address, ids)
 
 
+@pytest.mark.parametrize(
+    "simulator_flags",
+    [(), ("--assign-prompt-ids",)],
+    ids=["client-prompt-ids", "comfyui-assigns-prompt-ids"],
+)
 async def test_sigkill_of_the_worker_mid_run_reattaches_to_the_prompt(
-    stack: LocalStack, database_url: str, tmp_path: Path
+    stack: LocalStack, database_url: str, tmp_path: Path, simulator_flags: tuple[str, ...]
 ) -> None:
-    simulator, worker, generation = await one_gpu(stack, database_url, tmp_path / "out", 0.05)
+    # With a ComfyUI that ignores our prompt ids, only GenerationService knows
+    # ComfyUI's own ones (from Accepted) to hand to the restarted worker.
+    simulator, worker, generation = await one_gpu(
+        stack, database_url, tmp_path / "out", 0.05, simulator_flags
+    )
     ids = await create(generation.address, 3)
     await wait_any_running(generation.address, ids)
     port = int(worker.address.rpartition(":")[2])
