@@ -40,6 +40,22 @@ async def run(
     return [response.event async for response in call]
 
 
+async def start_and_abandon(client: WorkerClient, job_id: str, graph_json: str) -> None:
+    """Execute until the prompt starts, then drop the stream (its caller died);
+    the prompt runs on in ComfyUI."""
+    call = client.stub.Execute(worker.ExecuteRequest(job_id=job_id, graph_json=graph_json))
+    async for response in call:
+        if response.event.HasField("started"):
+            break
+    call.cancel()
+
+
+async def attach(client: WorkerClient, job_id: str) -> list[worker.ExecutionEvent]:
+    """Every event of Attach to the job's prompt, to the end."""
+    request = worker.AttachRequest(job_id=job_id, prompt_id=prompt_id_for(job_id))
+    return [r.event async for r in client.stub.Attach(request, timeout=10)]
+
+
 def kinds(events: list[worker.ExecutionEvent]) -> list[str]:
     return [str(e.WhichOneof("kind")) for e in events]
 
@@ -208,19 +224,8 @@ async def test_attach_follows_a_running_prompt_to_the_end(
     comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
 ) -> None:
     comfyui_simulator.sim.set_step_seconds(0.05)
-    call = comfy_worker.stub.Execute(
-        worker.ExecuteRequest(job_id="job-attach", graph_json=graph(steps=10))
-    )
-    async for response in call:
-        if response.event.HasField("started"):
-            break
-    call.cancel()  # the dispatcher died; the prompt runs on in ComfyUI
-    attached = [
-        r.event
-        async for r in comfy_worker.stub.Attach(
-            worker.AttachRequest(job_id="job-attach", prompt_id=prompt_id_for("job-attach"))
-        )
-    ]
+    await start_and_abandon(comfy_worker, "job-attach", graph(steps=10))
+    attached = await attach(comfy_worker, "job-attach")
     assert attached[-1].HasField("completed") and len(images(attached)) == 1
     assert len(comfyui_simulator.sim.runs) == 1
 
@@ -232,21 +237,11 @@ async def test_a_new_worker_follows_a_prompt_queued_by_a_dead_one(
     # new worker hears nothing and must find the end by asking ComfyUI.
     comfyui_simulator.sim.set_step_seconds(0.05)
     first = await worker_factory(comfyui_simulator)
-    call = first.stub.Execute(worker.ExecuteRequest(job_id="job-orphan", graph_json=graph()))
-    async for response in call:
-        if response.event.HasField("started"):
-            break
-    call.cancel()
+    await start_and_abandon(first, "job-orphan", graph())
     await first.running.stop()
     second = await worker_factory(comfyui_simulator)
     assert second.running.tracker.client_id != first.running.tracker.client_id
-    attached = [
-        r.event
-        async for r in second.stub.Attach(
-            worker.AttachRequest(job_id="job-orphan", prompt_id=prompt_id_for("job-orphan")),
-            timeout=10,
-        )
-    ]
+    attached = await attach(second, "job-orphan")
     assert attached[-1].HasField("completed") and len(images(attached)) == 1
     assert len(comfyui_simulator.sim.runs) == 1
 

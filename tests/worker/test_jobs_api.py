@@ -16,7 +16,7 @@ from services.contracts import worker
 from tests.fixtures.simulator import RunningSimulator, StartSimulator
 from tests.fixtures.worker import StartWorker
 from tests.simulator.test_knobs import wait_until
-from tests.worker.test_execute import graph, images, run
+from tests.worker.test_execute import attach, graph, images, run, start_and_abandon
 
 LEGACY = ("/queue", "/history", "/api/queue", "/api/history")
 
@@ -129,22 +129,12 @@ async def test_a_restarted_worker_follows_its_prompt_through_the_jobs_api(
 ) -> None:
     simulator = await simulator_factory(jobs_api=True, step_seconds=0.05)
     first = await worker_factory(simulator)
-    call = first.stub.Execute(worker.ExecuteRequest(job_id="job-orphan", graph_json=graph()))
-    async for response in call:
-        if response.event.HasField("started"):
-            break
-    call.cancel()
+    await start_and_abandon(first, "job-orphan", graph())
     await first.running.stop()
     simulator.sim.requests.clear()
 
     second = await worker_factory(simulator)
-    attached = [
-        r.event
-        async for r in second.stub.Attach(
-            worker.AttachRequest(job_id="job-orphan", prompt_id=prompt_id_for("job-orphan")),
-            timeout=10,
-        )
-    ]
+    attached = await attach(second, "job-orphan")
     assert attached[-1].HasField("completed") and len(images(attached)) == 1
     assert len(simulator.sim.runs) == 1
     assert f"/api/jobs/{prompt_id_for('job-orphan')}" in asked(simulator)
