@@ -115,8 +115,6 @@ class Job:
     """Where ComfyUI has one prompt, from /api/jobs/{id} or from /queue + /history."""
 
     state: JobState
-    # Prompts running or waiting before it (0 while running); None when not queued.
-    position: int | None = None
     # Once finished: the entry in /history/{id}'s shape (prompt, outputs, status).
     entry: JsonDict | None = None
 
@@ -194,11 +192,10 @@ class ComfyUIClient:
             log.info("comfyui_jobs_api", version=version, available=self._jobs_api)
         return self._jobs_api
 
-    async def job(self, prompt_id: str, *, with_position: bool = False) -> Job:
+    async def job(self, prompt_id: str) -> Job:
         """GET /api/jobs/{id}: the prompt's state in one request (servers with the
         jobs API only). A finished job carries its outputs and execution status,
-        so no /history read is needed. A pending job's position costs a second
-        request (the job list), so it is read only `with_position`."""
+        so no /history read is needed."""
         answer = await self._json("GET", f"/api/jobs/{prompt_id}", missing_ok=True)
         if answer is None:
             return UNKNOWN_JOB
@@ -206,17 +203,9 @@ class ComfyUIClient:
         if status in FINISHED_STATUSES:
             return Job(JobState.FINISHED, entry=history_entry(prompt_id, answer))
         if status == "pending":
-            ahead = await self._jobs_ahead(answer.get("priority")) if with_position else None
-            return Job(JobState.PENDING, ahead)
+            return Job(JobState.PENDING)
         # in_progress (or a status newer than this client): not finished, keep following.
-        return Job(JobState.RUNNING, 0)
-
-    async def _jobs_ahead(self, priority: Any) -> int:
-        """Prompts running or waiting before a pending one: ComfyUI runs its queue
-        in priority (queue number) order, and a single job does not say where it is."""
-        answer = await self._json("GET", "/api/jobs", params={"status": "in_progress,pending"})
-        jobs = answer.get("jobs", []) if isinstance(answer, dict) else []
-        return sum(1 for job in jobs if _runs_before(job, priority))
+        return Job(JobState.RUNNING)
 
     async def queue_prompt(
         self, graph: Mapping[str, Any], client_id: str, prompt_id: str | None = None
@@ -330,7 +319,6 @@ class ComfyUIClient:
         path: str,
         *,
         body: JsonDict | None = None,
-        params: Mapping[str, str] | None = None,
         retry: bool = True,
         timeout: float | None = None,
         missing_ok: bool = False,
@@ -341,7 +329,7 @@ class ComfyUIClient:
 
         async def send() -> Any:
             async with self.session.request(
-                method, self.url(path), json=body, params=params, timeout=limit
+                method, self.url(path), json=body, timeout=limit
             ) as response:
                 await self._raise_for_transient(path, response)
                 if missing_ok and response.status == 404 and await _is_json_error(response):
@@ -438,14 +426,6 @@ def history_entry(prompt_id: str, job: JsonDict) -> JsonDict:
         "outputs": job.get("outputs") or {},
         "status": job.get("execution_status") or {},
     }
-
-
-def _runs_before(job: JsonDict, priority: Any) -> bool:
-    if job.get("status") == "in_progress":
-        return True
-    theirs = job.get("priority")
-    numbers = (int, float)
-    return isinstance(theirs, numbers) and isinstance(priority, numbers) and theirs < priority
 
 
 async def _is_json_error(response: aiohttp.ClientResponse) -> bool:

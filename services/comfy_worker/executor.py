@@ -154,8 +154,10 @@ class Executor:
         """Where ComfyUI has this prompt already (queued or finished), else None."""
         prompt_id = self._aliases.get(prompt_id, prompt_id)
         if await self.client.has_jobs_api():
-            job = await self.client.job(prompt_id, with_position=True)
-            return None if job.state is JobState.UNKNOWN else job.position or 0
+            state = (await self.client.job(prompt_id)).state
+            if state is JobState.PENDING:
+                return await self._position(prompt_id)
+            return None if state is JobState.UNKNOWN else 0
         queue = await self.client.queue()
         position = queue.position(prompt_id)
         if position is not None:
@@ -165,9 +167,8 @@ class Executor:
         return None
 
     async def _position(self, prompt_id: str) -> int:
-        """Where a prompt just queued waits (0 if it already runs or finished)."""
-        if await self.client.has_jobs_api():
-            return (await self.client.job(prompt_id, with_position=True)).position or 0
+        """Where a queued prompt waits (0 once it runs or finished). /queue answers
+        in one read on every release; a single job from /api/jobs does not say."""
         return (await self.client.queue()).position(prompt_id) or 0
 
     async def _follow(self, stream: PromptStream, timeout_seconds: int) -> AsyncIterator[Event]:

@@ -49,6 +49,11 @@ def _with_event(changed_sql: str, type_param: str, payload_param: str) -> str:
     return f"WITH changed AS ({changed_sql})" + tail
 
 
+# A write of a claimed row applies only while its fence ($1 id, $2 attempt,
+# $3 owner) still holds it.
+_FENCE = "id = $1 AND attempts = $2 AND lease_owner = $3 AND status IN ('DISPATCHED', 'RUNNING')"
+
+
 @dataclass(frozen=True)
 class Fence:
     """Who may write a claimed generation: this attempt of this owner only."""
@@ -361,9 +366,7 @@ class Queue:
             _with_event(
                 f"""
                 UPDATE generations SET {sets}, last_event_seq = last_event_seq + 1
-                WHERE id = $1 AND attempts = $2 AND lease_owner = $3
-                  AND status IN ('DISPATCHED', 'RUNNING')
-                RETURNING *
+                WHERE {_FENCE} RETURNING *
                 """,
                 f"'{event}'",
                 "$4",
@@ -390,12 +393,7 @@ class Queue:
         """The id ComfyUI gave the prompt when it ignored ours, kept for a later
         attempt or a takeover to find the prompt by. Not an event: no state changed."""
         row: Record | None = await self.pool.fetchrow(
-            """
-            UPDATE generations SET prompt_id = $4
-            WHERE id = $1 AND attempts = $2 AND lease_owner = $3
-              AND status IN ('DISPATCHED', 'RUNNING')
-            RETURNING *
-            """,
+            f"UPDATE generations SET prompt_id = $4 WHERE {_FENCE} RETURNING *",
             fence.id,
             fence.attempt,
             fence.owner,

@@ -85,11 +85,6 @@ class Prompt:
         return [self.number, self.prompt_id, self.graph, self.extra_data, self.outputs]
 
     @property
-    def create_time(self) -> int | None:
-        value = self.extra_data.get("create_time")
-        return value if isinstance(value, int) else None
-
-    @property
     def client_id(self) -> str | None:
         value = self.extra_data.get("client_id")
         return str(value) if value else None

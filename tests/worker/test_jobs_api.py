@@ -1,7 +1,8 @@
 """ComfyWorker in front of a ComfyUI with /api/jobs (the simulator's jobs_api
 knob): support is detected from the version, and each "where is this prompt?"
-is one /api/jobs/{id} instead of /queue + /history/{id}. The simulator's
-request log shows which routes were and were not asked."""
+is one /api/jobs/{id} instead of /queue + /history/{id} (a queue position
+still comes from one /queue read: a single job does not say where it waits).
+The simulator's request log shows which routes were and were not asked."""
 
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ from tests.fixtures.worker import StartWorker
 from tests.simulator.test_knobs import wait_until
 from tests.worker.test_execute import attach, graph, images, run, start_and_abandon
 
-LEGACY = ("/queue", "/history", "/api/queue", "/api/history")
+HISTORY = ("/history", "/api/history")
 
 
 def asked(sim: RunningSimulator, method: str = "GET") -> list[str]:
     return [path for m, path in sim.sim.requests if m == method]
 
 
-def legacy_reads(sim: RunningSimulator) -> list[str]:
-    return [path for path in asked(sim) if path.startswith(LEGACY)]
+def history_reads(sim: RunningSimulator) -> list[str]:
+    return [path for path in asked(sim) if path.startswith(HISTORY)]
 
 
 @pytest.mark.parametrize(
@@ -89,7 +90,8 @@ async def test_a_job_sent_again_is_found_with_one_jobs_lookup(
     assert again[-1].HasField("completed") and images(again) == images(first)
     assert len(simulator.sim.runs) == 1
     assert f"/api/jobs/{prompt_id_for('job-again')}" in asked(simulator)
-    assert legacy_reads(simulator) == []
+    assert history_reads(simulator) == []
+    assert "/queue" not in asked(simulator)  # finished: no position to read
     assert asked(simulator, "POST") == []  # nothing queued again
 
 
@@ -103,7 +105,7 @@ async def test_a_failure_is_classified_from_the_job_without_reading_history(
     assert events[-1].failed.reason == "GPU_OUT_OF_MEMORY"
     assert events[-1].failed.node_type == "KSampler"
     assert f"/api/jobs/{prompt_id_for('job-oom')}" in asked(simulator)
-    assert legacy_reads(simulator) == []
+    assert history_reads(simulator) == []
 
 
 async def test_a_dropped_websocket_is_reconciled_through_the_jobs_api(
@@ -121,7 +123,7 @@ async def test_a_dropped_websocket_is_reconciled_through_the_jobs_api(
     assert events[-1].HasField("completed") and len(images(events)) == 1
     lookups = asked(simulator).count(f"/api/jobs/{prompt_id_for('job-drop')}")
     assert lookups >= 2  # on the drop, and again when the socket reopened
-    assert legacy_reads(simulator) == []
+    assert history_reads(simulator) == []
 
 
 async def test_a_restarted_worker_follows_its_prompt_through_the_jobs_api(
@@ -138,10 +140,10 @@ async def test_a_restarted_worker_follows_its_prompt_through_the_jobs_api(
     assert attached[-1].HasField("completed") and len(images(attached)) == 1
     assert len(simulator.sim.runs) == 1
     assert f"/api/jobs/{prompt_id_for('job-orphan')}" in asked(simulator)
-    assert legacy_reads(simulator) == []
+    assert history_reads(simulator) == []
 
 
-async def test_cancel_and_queue_position_use_the_jobs_api(
+async def test_cancel_tells_waiting_from_running_through_the_jobs_api(
     simulator_factory: StartSimulator, worker_factory: StartWorker
 ) -> None:
     simulator = await simulator_factory(jobs_api=True, step_seconds=0.05)
@@ -166,7 +168,7 @@ async def test_cancel_and_queue_position_use_the_jobs_api(
     assert waited[-1].failed.reason == "INTERRUPTED"
     assert (await running)[-1].failed.reason == "INTERRUPTED"
     assert "/api/jobs/nope" in asked(simulator)
-    assert legacy_reads(simulator) == []  # deleting is still POST /queue
+    assert history_reads(simulator) == []
 
 
 async def test_a_comfyui_restarted_as_an_older_release_is_detected_again(
