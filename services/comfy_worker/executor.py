@@ -91,7 +91,7 @@ class Executor:
 
     async def _submit(self, request: worker.ExecuteRequest, prompt_id: str) -> tuple[str, int, int]:
         """(ComfyUI's prompt_id, queue number or -1 when queued before, position)."""
-        known = await self._known_position(prompt_id)
+        known = None if request.first_send else await self._known_position(prompt_id)
         if known is not None:
             return self._aliases.get(prompt_id, prompt_id), -1, known
         graph = await self._with_inputs(request, prompt_id)

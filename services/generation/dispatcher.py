@@ -172,6 +172,10 @@ class Dispatcher:
                 graph_json=job.row["graph"],
                 timeout_seconds=job.row["timeout_seconds"],
                 input_images=[worker.InputImage(name=name, data=data) for name, data in inputs],
+                comfyui_prompt_id=job.prompt_id,
+                # Attempt 1 is this claim's alone (a takeover or a retry counts
+                # another): before its first Execute no ComfyUI can hold the prompt.
+                first_send=job.fence.attempt == 1,
             )
             await self._execute(job, request, claimed)
         except LeaseLost:
@@ -203,7 +207,6 @@ class Dispatcher:
         gone_since: float | None = None
         while True:
             try:
-                request.comfyui_prompt_id = job.prompt_id
                 call = job.handle.stub.Execute(request, metadata=job.handle.metadata)
                 async for response in call:
                     gone_since = None
@@ -229,6 +232,7 @@ class Dispatcher:
                     return
                 self._discard_outputs(job)
                 await asyncio.sleep(0.5)
+                request = _resend(request, job.prompt_id)
 
     async def _on_event(self, job: Job, event: worker.ExecutionEvent, claimed: float) -> bool:
         """Record one event; True when the job is finished."""
@@ -386,3 +390,14 @@ class Dispatcher:
             except Exception as error:
                 log.warning("prune_failed", error=str(error) or type(error).__name__)
             await asyncio.sleep(PRUNE_INTERVAL)
+
+
+def _resend(sent: worker.ExecuteRequest, prompt_id: str) -> worker.ExecuteRequest:
+    """The request again, as a copy: a call serializes its request later, so
+    one already handed to a call must not change. The prompt may be queued by
+    now, and under the id ComfyUI gave it."""
+    again = worker.ExecuteRequest()
+    again.CopyFrom(sent)
+    again.first_send = False
+    again.comfyui_prompt_id = prompt_id
+    return again

@@ -38,6 +38,18 @@ async def test_a_generation_runs_to_completion_and_its_image_is_stored(
     assert b"".join(c.data for c in chunks) == Path(image.path).read_bytes()
 
 
+async def test_a_first_dispatch_posts_without_asking_comfyui_first(
+    generation_service: GenerationClient,
+) -> None:
+    requests = generation_service.simulator.sim.requests
+    requests.clear()
+    done = await generation_service.wait((await generation_service.create(steps=1)).id)
+    assert done.status == gen.GENERATION_STATUS_COMPLETED and done.attempts == 1
+    # Attempt 1's first Execute carries first_send: no /history/{id} lookup.
+    before_post = list(requests)[: list(requests).index(("POST", "/prompt"))]
+    assert ("GET", f"/history/{done.prompt_id}") not in before_post
+
+
 async def test_watch_gives_the_snapshot_then_every_event_in_order(
     generation_service: GenerationClient,
 ) -> None:

@@ -220,6 +220,23 @@ async def test_sending_a_job_again_follows_the_first_run_instead_of_rerunning(
     assert again[-1].HasField("completed")
 
 
+async def test_a_first_send_posts_at_once_and_a_resend_looks_first(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    requests = comfyui_simulator.sim.requests
+    requests.clear()
+    first = await run(comfy_worker, "job-first", graph(), first_send=True)
+    before_post = list(requests)[: list(requests).index(("POST", "/prompt"))]
+    assert first[-1].HasField("completed")
+    assert not [path for _, path in before_post if path.startswith(("/queue", "/history"))]
+
+    requests.clear()
+    again = await run(comfy_worker, "job-first", graph())
+    assert again[-1].HasField("completed") and images(again) == images(first)
+    assert ("GET", "/queue") in requests and ("POST", "/prompt") not in requests
+    assert len(comfyui_simulator.sim.runs) == 1
+
+
 async def test_attach_follows_a_running_prompt_to_the_end(
     comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
 ) -> None:

@@ -78,6 +78,7 @@ class ExecuteRequest(_message.Message):
     INPUT_IMAGES_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     COMFYUI_PROMPT_ID_FIELD_NUMBER: _builtins.int
+    FIRST_SEND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Caller's id for this attempt (generation id and attempt), bound to logs."""
     graph_json: _builtins.str
@@ -93,6 +94,14 @@ class ExecuteRequest(_message.Message):
     ids); the worker then follows it while ComfyUI still has the prompt, so a
     job sent again after a worker restart runs once. Empty: the derived id.
     """
+    first_send: _builtins.bool
+    """True only on the very first Execute of a job_id, when nothing can have
+    queued its prompt yet (the caller's first claim of the job, before any
+    resend): the worker then posts at once instead of first asking ComfyUI
+    whether the prompt is already there, two requests off every dispatch.
+    A caller unsure of it must leave it false: a job queued before and sent
+    with this set would run twice.
+    """
     @_builtins.property
     def input_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputImage]:
         """Uploaded to ComfyUI's input folder before the prompt is queued."""
@@ -105,10 +114,11 @@ class ExecuteRequest(_message.Message):
         input_images: _abc.Iterable[Global___InputImage] | None = ...,
         timeout_seconds: _builtins.int = ...,
         comfyui_prompt_id: _builtins.str = ...,
+        first_send: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comfyui_prompt_id", b"comfyui_prompt_id", "graph_json", b"graph_json", "input_images", b"input_images", "job_id", b"job_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comfyui_prompt_id", b"comfyui_prompt_id", "first_send", b"first_send", "graph_json", b"graph_json", "input_images", b"input_images", "job_id", b"job_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
