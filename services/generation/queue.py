@@ -1,6 +1,7 @@
 """The queue in PostgreSQL: every state change of a generation, as SQL.
 
-- Create inserts the row, its first event and a NOTIFY in one transaction.
+- Create inserts the row, its first event, its inputs and a NOTIFY in one
+  statement.
 - Claims take queued rows with FOR UPDATE SKIP LOCKED in claim_key order
   (priority with aging) and lease them to this replica.
 - Every later write is fenced: it names the attempt (the fencing token) and
@@ -32,21 +33,47 @@ ACTIVE = ("DISPATCHED", "RUNNING")
 
 
 # Appends an event to the rows `changed` returns (id, last_event_seq, status,
-# principal) and notifies; $E1 = event type, $E2 = payload.
-_EVENT_TAIL = """
+# principal) and notifies.
+_EVENT_CTE = """
 , inserted AS (
     INSERT INTO generation_events (generation_id, seq, type, status, payload)
     SELECT id, last_event_seq, {type}, status, {payload}::jsonb FROM changed
 )
-SELECT changed.*, pg_notify('{channel}',
-    changed.id::text || ':' || changed.last_event_seq || ':' || changed.principal)
-FROM changed
 """
+_NOTIFY_EVENT = f"""pg_notify('{EVENTS_CHANNEL}',
+    changed.id::text || ':' || changed.last_event_seq || ':' || changed.principal)"""
 
 
 def _with_event(changed_sql: str, type_param: str, payload_param: str) -> str:
-    tail = _EVENT_TAIL.format(type=type_param, payload=payload_param, channel=EVENTS_CHANNEL)
-    return f"WITH changed AS ({changed_sql})" + tail
+    event = _EVENT_CTE.format(type=type_param, payload=payload_param)
+    return f"WITH changed AS ({changed_sql}){event}SELECT changed.*, {_NOTIFY_EVENT} FROM changed"
+
+
+# Create in one statement, one round trip: the caller's limit, the row, its
+# CREATED event, its input images, both notifications and the queue position
+# (rows ahead, counted in the snapshot the insert saw). No row back means the
+# limit was reached or the request_id is taken; `create` then finds out which.
+# $1..$9 the row, $10 aging, $11 the caller's limit, $12/$13 input names/data.
+_CREATE = f"""
+WITH changed AS (
+    INSERT INTO generations (id, principal, request_id, template, parameters,
+        graph, checkpoint, priority, timeout_seconds, last_event_seq, claim_key)
+    SELECT $1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, 1,
+        extract(epoch FROM clock_timestamp()) - $8::int * $10::float8
+    WHERE (SELECT count(*) FROM generations
+           WHERE principal = $2 AND status = 'QUEUED') < $11::bigint
+    ON CONFLICT (principal, request_id) DO NOTHING
+    RETURNING *
+){_EVENT_CTE.format(type="'CREATED'", payload="'{}'")}, stored_inputs AS (
+    INSERT INTO generation_inputs (generation_id, name, data)
+    SELECT changed.id, i.name, i.data
+    FROM changed, unnest($12::text[], $13::bytea[]) AS i(name, data)
+)
+SELECT changed.*, {_NOTIFY_EVENT}, pg_notify('{QUEUED_CHANNEL}', ''),
+    (SELECT count(*) FROM generations
+     WHERE status = 'QUEUED' AND claim_key < changed.claim_key) + 1 AS queue_position
+FROM changed
+"""
 
 
 # A write of a claimed row applies only while its fence ($1 id, $2 attempt,
@@ -89,65 +116,40 @@ class Queue:
         priority: int,
         timeout_seconds: int,
         inputs: Sequence[tuple[str, bytes]],
-    ) -> tuple[Record, bool]:
-        """(row, created): a repeated request_id returns the first row, unchanged."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            if request_id:
-                existing = await conn.fetchrow(
-                    "SELECT * FROM generations WHERE principal = $1 AND request_id = $2",
-                    principal,
-                    request_id,
-                )
-                if existing is not None:
-                    return existing, False
-            queued = await conn.fetchval(
-                "SELECT count(*) FROM generations WHERE principal = $1 AND status = 'QUEUED'",
+    ) -> tuple[Record, bool, int]:
+        """(row, created, queue position): a repeated request_id returns the
+        first row, unchanged."""
+        row = await self.pool.fetchrow(
+            _CREATE,
+            uuid.uuid4(),
+            principal,
+            request_id,
+            template,
+            json.dumps(parameters),
+            graph,
+            checkpoint,
+            priority,
+            timeout_seconds,
+            self.settings.aging_seconds_per_priority,
+            self.settings.max_queued_per_principal,
+            [name for name, _ in inputs],
+            [data for _, data in inputs],
+        )
+        if row is not None:
+            return row, True, row["queue_position"]
+        if request_id:
+            existing = await self.pool.fetchrow(
+                "SELECT * FROM generations WHERE principal = $1 AND request_id = $2",
                 principal,
+                request_id,
             )
-            if queued >= self.settings.max_queued_per_principal:
-                raise ResourceExhausted(
-                    f"{queued} generations already queued for this caller "
-                    f"(limit {self.settings.max_queued_per_principal})",
-                    retry_after_seconds=10.0,
-                )
-            row = await conn.fetchrow(
-                _with_event(
-                    """
-                    INSERT INTO generations (id, principal, request_id, template, parameters,
-                        graph, checkpoint, priority, timeout_seconds, last_event_seq, claim_key)
-                    VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, 1,
-                        extract(epoch FROM clock_timestamp()) - $8::int * $10::float8)
-                    ON CONFLICT (principal, request_id) DO NOTHING
-                    RETURNING *
-                    """,
-                    "'CREATED'",
-                    "'{}'",
-                ),
-                uuid.uuid4(),
-                principal,
-                request_id or None,
-                template,
-                json.dumps(parameters),
-                graph,
-                checkpoint,
-                priority,
-                timeout_seconds,
-                self.settings.aging_seconds_per_priority,
-            )
-            if row is None:  # the same request_id won a race: return that one
-                existing = await conn.fetchrow(
-                    "SELECT * FROM generations WHERE principal = $1 AND request_id = $2",
-                    principal,
-                    request_id,
-                )
-                return existing, False
-            if inputs:
-                await conn.executemany(
-                    "INSERT INTO generation_inputs (generation_id, name, data) VALUES ($1, $2, $3)",
-                    [(row["id"], name, data) for name, data in inputs],
-                )
-            await conn.execute(f"NOTIFY {QUEUED_CHANNEL}")
-            return row, True
+            if existing is not None:
+                return existing, False, await self.queue_position(existing)
+        limit = self.settings.max_queued_per_principal
+        raise ResourceExhausted(
+            f"this caller already has {limit} generations queued, the limit",
+            retry_after_seconds=10.0,
+        )
 
     async def get(self, generation_id: uuid.UUID, principal: str | None) -> Record:
         """The row, when it exists and (unless principal is None) belongs to the caller."""

@@ -127,7 +127,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         resolved = self.library.resolve(
             template.name, values, available_models=self.workers.models()
         )
-        row, created = await self.queue.create(
+        row, created, position = await self.queue.create(
             principal=current_principal.get(),
             request_id=request.request_id or None,
             template=template.name,
@@ -138,7 +138,6 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             timeout_seconds=request.timeout_seconds or self.settings.comfyui.timeout_seconds,
             inputs=inputs,
         )
-        position = await self.queue.queue_position(row)
         return gen.CreateGenerationResponse(
             generation=convert.generation(row, position), created=created
         )

@@ -457,14 +457,21 @@ async def test_the_per_caller_queue_limit_is_resource_exhausted(
     sim.set_step_seconds(0.2)
     first = await client.create("busy", steps=50)
     await until(lambda: sim.running is not None)
-    await client.create("q1", steps=1)
-    await client.create("q2", steps=1)
+    q1 = await client.create("q1", steps=1)
+    q2 = await client.create("q2", steps=1, request_id="q2")
+    assert (q1.queue_position, q2.queue_position) == (1, 2)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await client.create("q3", steps=1)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     error = from_rpc_error(caught.value)
     assert error.reason == "QUEUE_LIMIT"
     assert len(await listed(client)) == 3
+    # At the limit, a request sent again still gets its generation back.
+    again = await client.stub.CreateGeneration(
+        request(prompt="q2", steps=1, request_id="q2"), metadata=client.metadata
+    )
+    assert not again.created and again.generation.id == q2.id
+    assert again.generation.queue_position == 2
     # Another caller has a queue of their own.
     bob = await client.stub.CreateGeneration(
         request(prompt="bob", steps=1), metadata=[("authorization", "Bearer tok-b")]
