@@ -292,9 +292,16 @@ class ComfyUIClient:
         response = await self._with_retries("/view", lambda: self._open_view(image))
 
         async def chunks() -> AsyncIterator[bytes]:
+            # Whole chunks, not the socket's 256 KB reads: each chunk becomes a
+            # message through the worker and GenerationService, each with its cost.
             try:
-                async for chunk in response.content.iter_chunked(chunk_bytes):
-                    yield chunk
+                while True:
+                    try:
+                        yield await response.content.readexactly(chunk_bytes)
+                    except asyncio.IncompleteReadError as end:
+                        if end.partial:
+                            yield end.partial
+                        return
             finally:
                 response.release()
 

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.comfy_worker.executor import prompt_id_for
+from services.comfy_worker.executor import CHUNK_BYTES, prompt_id_for
 from services.comfy_worker.server import stable_client_id
 from services.contracts import worker
 from services.errors import InvalidArgument, from_rpc_error
@@ -88,6 +88,19 @@ async def test_a_job_streams_accepted_started_progress_images_completed(
     assert last[0].size_bytes == len(png) and last[0].content_type == "image/png"
     assert events[-1].completed.output_count == 1
     assert len(comfyui_simulator.sim.runs) == 1
+
+
+async def test_a_large_image_streams_in_whole_chunks(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    events = await run(comfy_worker, "job-large", graph(steps=1, width=1024, height=1024))
+    chunks = [e.output for e in events if e.HasField("output") and e.output.data]
+    (png,) = images(events).values()
+    saved = comfyui_simulator.sim.dirs["output"] / chunks[0].filename
+    assert png == saved.read_bytes() and len(png) > 2 * CHUNK_BYTES
+    # Every chunk but the last is whole: not whatever one socket read held.
+    assert [len(c.data) for c in chunks[:-1]] == [CHUNK_BYTES] * (len(chunks) - 1)
+    assert 0 < len(chunks[-1].data) <= CHUNK_BYTES
 
 
 async def test_a_batch_yields_every_image(comfy_worker: WorkerClient) -> None:
