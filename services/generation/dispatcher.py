@@ -37,6 +37,9 @@ REATTACH_SECONDS = 60.0
 PRUNE_INTERVAL = 600.0
 # Leases taken over per scan: more wait for the next scan, a poll interval later.
 TAKEOVER_BATCH = 64
+# An image is flushed to disk while it streams in, each time this much more
+# arrived, so the fsync that commits it has little left to wait for.
+FLUSH_BYTES = 2 << 20
 
 
 class LeaseLost(Exception):
@@ -48,6 +51,8 @@ class _Output:
     temp: Any
     handle: BinaryIO
     content_type: str
+    unflushed: int = 0
+    flushing: asyncio.Future[None] | None = None
 
 
 @dataclass
@@ -197,8 +202,7 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self._retry_or_fail(job, Reason.INTERNAL.value, "dispatcher error", True)
         finally:
-            for output in job.outputs.values():
-                self.store.discard(output.temp, output.handle)
+            self._discard_outputs(job)
             self.jobs.pop(generation_id, None)
             self.workers.release(job.handle)
 
@@ -266,8 +270,18 @@ class Dispatcher:
             output = job.outputs[chunk.index] = _Output(temp, handle, chunk.content_type)
         if chunk.data:
             self.store.write(output.handle, chunk.data)
+            output.unflushed += len(chunk.data)
+            if output.unflushed >= FLUSH_BYTES and not _busy(output.flushing):
+                if output.flushing is not None:
+                    output.flushing.result()  # a flush that failed fails the image now
+                output.flushing = asyncio.ensure_future(
+                    asyncio.to_thread(self.store.flush, output.handle)
+                )
+                output.unflushed = 0
         if chunk.last:
             final = self.store.path_for(job.row["id"], chunk.index, output.content_type)
+            if output.flushing is not None:
+                await output.flushing
             # fsync takes milliseconds per large image: not on the event loop.
             await asyncio.to_thread(self.store.commit, output.temp, output.handle, final)
             del job.outputs[chunk.index]
@@ -282,6 +296,9 @@ class Dispatcher:
 
     def _discard_outputs(self, job: Job) -> None:
         for output in job.outputs.values():
+            if output.flushing is not None:
+                # Nobody waits for it any more: its error, if any, goes with the file.
+                output.flushing.add_done_callback(_ignore_outcome)
             self.store.discard(output.temp, output.handle)
         job.outputs.clear()
         job.saved.clear()
@@ -401,3 +418,12 @@ def _resend(sent: worker.ExecuteRequest, prompt_id: str) -> worker.ExecuteReques
     again.first_send = False
     again.comfyui_prompt_id = prompt_id
     return again
+
+
+def _busy(future: asyncio.Future[None] | None) -> bool:
+    return future is not None and not future.done()
+
+
+def _ignore_outcome(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -33,6 +33,7 @@ class Store(Protocol):
     def path_for(self, generation_id: uuid.UUID, index: int, content_type: str) -> Path: ...
     def open_temp(self, generation_id: uuid.UUID, index: int) -> tuple[Path, BinaryIO]: ...
     def write(self, handle: BinaryIO, data: bytes) -> None: ...
+    def flush(self, handle: BinaryIO) -> None: ...
     def commit(self, temp: Path, handle: BinaryIO, final: Path) -> None: ...
     def discard(self, temp: Path, handle: BinaryIO) -> None: ...
     def resolve(self, stored: str) -> Path | None: ...
@@ -63,6 +64,15 @@ class ImageStore:
     def write(self, handle: BinaryIO, data: bytes) -> None:
         try:
             handle.write(data)
+        except OSError as error:
+            raise _translate(error) from error
+
+    def flush(self, handle: BinaryIO) -> None:
+        """Make what was written so far durable, from a thread while more is
+        written; its error must reach the caller (fsync reports one only once)."""
+        try:
+            handle.flush()
+            os.fdatasync(handle.fileno())
         except OSError as error:
             raise _translate(error) from error
 

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from services.contracts import gen
+from services.generation.store import StorageFull
 from tests.fixtures.generation import GenerationClient, StartGeneration
 
 
@@ -48,6 +49,41 @@ async def test_a_first_dispatch_posts_without_asking_comfyui_first(
     # Attempt 1's first Execute carries first_send: no /history/{id} lookup.
     before_post = list(requests)[: list(requests).index(("POST", "/prompt"))]
     assert ("GET", f"/history/{done.prompt_id}") not in before_post
+
+
+async def test_a_large_image_is_flushed_to_disk_while_it_streams_in(
+    generation_service: GenerationClient,
+) -> None:
+    store = generation_service.running.dispatcher.store
+    flushed: list[int] = []
+    real_flush = store.flush
+    store.flush = lambda handle: (flushed.append(handle.tell()), real_flush(handle))  # type: ignore[method-assign]
+
+    created = await generation_service.create(steps=1, width=1024, height=1024)
+    done = await generation_service.wait(created.id)
+
+    assert done.status == gen.GENERATION_STATUS_COMPLETED, done.error
+    (image,) = done.outputs
+    (produced,) = generation_service.simulator.sim.dirs["output"].iterdir()
+    assert Path(image.path).read_bytes() == produced.read_bytes()
+    assert flushed and max(flushed) < image.size_bytes  # while more was still coming
+
+
+async def test_a_flush_that_fails_fails_the_generation_and_leaves_no_file(
+    generation_service: GenerationClient,
+) -> None:
+    store = generation_service.running.dispatcher.store
+
+    def full(handle: object) -> None:
+        raise StorageFull("image store full: No space left on device")
+
+    store.flush = full  # type: ignore[method-assign]
+    created = await generation_service.create(steps=1, width=1024, height=1024)
+    done = await generation_service.wait(created.id)
+
+    assert done.status == gen.GENERATION_STATUS_FAILED
+    assert done.error.reason == "STORAGE_FULL"
+    assert not list(generation_service.outputs.iterdir())
 
 
 async def test_watch_gives_the_snapshot_then_every_event_in_order(
