@@ -22,6 +22,7 @@ from services.comfy_worker.comfyui import (
     ComfyUIClient,
     ComfyUIRejected,
     ComfyUIUnreachable,
+    ImageRef,
     JobState,
     PromptRejected,
     output_images,
@@ -253,31 +254,9 @@ class Executor:
             content_type, size, chunks = await self.client.view(image, CHUNK_BYTES)
             offset = 0
             async for data in chunks:
-                yield _event(
-                    output=worker.OutputChunk(
-                        prompt_id=prompt_id,
-                        index=index,
-                        node_id=image.node_id,
-                        filename=image.filename,
-                        content_type=content_type,
-                        size_bytes=size,
-                        offset=offset,
-                        data=data,
-                    )
-                )
+                yield _chunk(prompt_id, index, image, content_type, size, offset, data)
                 offset += len(data)
-            yield _event(
-                output=worker.OutputChunk(
-                    prompt_id=prompt_id,
-                    index=index,
-                    node_id=image.node_id,
-                    filename=image.filename,
-                    content_type=content_type,
-                    size_bytes=offset,
-                    offset=offset,
-                    last=True,
-                )
-            )
+            yield _chunk(prompt_id, index, image, content_type, offset, offset, b"", last=True)
         yield _event(
             completed=worker.Completed(
                 prompt_id=prompt_id, output_count=len(images), cached=_all_cached(entry)
@@ -339,3 +318,29 @@ def _unreachable(prompt_id: str, error: Exception) -> worker.Failed:
 
 def _event(**kind: Any) -> Event:
     return Event(**kind)
+
+
+def _chunk(
+    prompt_id: str,
+    index: int,
+    image: ImageRef,
+    content_type: str,
+    size: int,
+    offset: int,
+    data: bytes,
+    last: bool = False,
+) -> Event:
+    """Filled in place: a submessage given to a constructor is copied through
+    serialize and parse, two more copies of every megabyte of image."""
+    event = Event()
+    chunk = event.output
+    chunk.prompt_id = prompt_id
+    chunk.index = index
+    chunk.node_id = image.node_id
+    chunk.filename = image.filename
+    chunk.content_type = content_type
+    chunk.size_bytes = size
+    chunk.offset = offset
+    chunk.data = data
+    chunk.last = last
+    return event

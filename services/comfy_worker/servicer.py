@@ -40,14 +40,18 @@ class ComfyWorkerServicer(worker_grpc.ComfyWorkerServiceServicer):
         if request.comfyui_prompt_id:
             check_prompt_id(request.comfyui_prompt_id, "comfyui_prompt_id")
         async for event in self.executor.execute(request):
-            yield worker.ExecuteResponse(event=event)
+            response = worker.ExecuteResponse()
+            response.event.CopyFrom(event)  # one copy of an image chunk, not three
+            yield response
 
     async def Attach(
         self, request: worker.AttachRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker.AttachResponse]:
         check_prompt_id(request.prompt_id)
         async for event in self.executor.attach(request):
-            yield worker.AttachResponse(event=event)
+            response = worker.AttachResponse()
+            response.event.CopyFrom(event)
+            yield response
 
     async def Cancel(
         self, request: worker.CancelRequest, context: grpc.aio.ServicerContext
