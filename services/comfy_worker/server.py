@@ -12,7 +12,7 @@ import contextlib
 import uuid
 from dataclasses import dataclass
 
-from services import metrics
+from services import allocator, metrics
 from services.comfy_worker.comfyui import ComfyUIClient, ComfyUIUnreachable
 from services.comfy_worker.executor import Executor
 from services.comfy_worker.servicer import ComfyWorkerServicer
@@ -118,6 +118,7 @@ async def _follow_comfyui(client: ComfyUIClient, server: RunningServer) -> None:
 
 
 async def serve(settings: Settings, args: argparse.Namespace) -> None:
+    allocator.reuse_large_blocks()
     metrics.start_metrics_server(settings.worker_metrics_port)
     running = await start_worker(settings)
     log.info("worker_ready", port=running.port, comfyui=str(settings.comfyui.base_url))

@@ -12,7 +12,7 @@ import contextlib
 import uuid
 from dataclasses import dataclass
 
-from services import metrics
+from services import allocator, metrics
 from services.contracts import gen_grpc
 from services.database import create_pool, migrate
 from services.generation.dispatcher import Dispatcher
@@ -158,6 +158,7 @@ async def _count_queue(queue: Queue) -> None:
 
 
 async def serve(settings: Settings, args: argparse.Namespace) -> None:
+    allocator.reuse_large_blocks()
     metrics.start_metrics_server(settings.generation_metrics_port)
     running = await start_generation_service(settings)
     try:
