@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import os
 import statistics
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -423,9 +424,9 @@ async def throughput(bench: Bench) -> None:
 
 
 async def fanout(bench: Bench) -> None:
-    """Many watchers of one generation: from each state change to its delivery to each."""
+    """Many watchers of one generation: from each state change to its delivery to each.
+    Then the same watchers of a bare grpc.aio server (bench/grpc_floor.py): the floor."""
     watchers = 250 if bench.quick else 1000
-    latencies: list[float] = []
     async with bench.database() as dsn, bench.stack("fanout") as stack:
         # Progress every 100 ms: each event is one burst of `watchers` deliveries.
         _, _, generation = await bench.single_gpu_stack(stack, dsn, step_seconds=0.1)
@@ -434,47 +435,119 @@ async def fanout(bench: Bench) -> None:
             # A long job in front holds the watched one until every watcher is in.
             blocker = (await stub.CreateGeneration(request(1, steps=150), timeout=30)).generation
             target = await stub.CreateGeneration(request(2, steps=3, **SMALL), timeout=30)
-            ready = asyncio.Semaphore(0)
 
-            async def watch() -> None:
-                call = stub.WatchGeneration(
-                    gen.WatchGenerationRequest(id=target.generation.id), timeout=120
-                )
-                seen = 0
-                async for item in call:
-                    received = time.time()
-                    if item.HasField("snapshot"):
-                        seen = item.snapshot.last_event_sequence
-                        ready.release()
-                    elif item.event.sequence > seen:  # not history replayed on subscribing
-                        latencies.append((received - item.event.time.ToNanoseconds() / 1e9) * 1000)
-
-            async with asyncio.TaskGroup() as group:
-                for _ in range(watchers):
-                    group.create_task(watch())
-                for _ in range(watchers):
-                    await asyncio.wait_for(ready.acquire(), 60)
-                await asyncio.sleep(0.5)  # each stream subscribes just after its snapshot
-                cpu = CpuMeter({"generation": generation.process.pid})
-                cpu.start()
+            async def unblock() -> None:
                 await stub.CancelGeneration(gen.CancelGenerationRequest(id=blocker.id), timeout=10)
-            spent = cpu.stop()["generation"]
-    events = len(latencies) / watchers
-    expect(events >= 3, f"{len(latencies)} deliveries to {watchers} watchers")
-    bench.report.add("fanout.p50_ms", percentile(latencies, 50), "ms")
+
+            ours = await _watch_burst(
+                stub, target.generation.id, watchers, unblock, generation.process.pid
+            )
+    floor = await _grpc_floor(watchers, events=round(ours.events))
+    expect(ours.events >= 3, f"{len(ours.latencies)} deliveries to {watchers} watchers")
+    bench.report.add("fanout.p50_ms", percentile(ours.latencies, 50), "ms")
     bench.report.add(
         "fanout.p99_ms",
-        percentile(latencies, 99),
+        percentile(ours.latencies, 99),
         "ms",
         "<= 50",
-        f"{watchers} watchers x {events:.0f} events",
+        f"{watchers} watchers x {ours.events:.0f} events",
     )
     bench.report.add(
         "fanout.server_cpu_us_per_delivery",
-        spent * 1e6 / len(latencies),
+        ours.cpu_us_per_delivery,
         "us",
         note="GenerationService CPU from the first event to the last delivery",
     )
+    bench.report.add(
+        "fanout.grpc_floor_p99_ms",
+        percentile(floor.latencies, 99),
+        "ms",
+        note="a bare grpc.aio server, same watchers and events (bench/grpc_floor.py)",
+    )
+    bench.report.add("fanout.grpc_floor_cpu_us_per_delivery", floor.cpu_us_per_delivery, "us")
+
+
+@dataclass
+class Burst:
+    latencies: list[float]
+    events: float
+    cpu_us_per_delivery: float
+
+
+async def _watch_burst(
+    stub: Any,
+    generation_id: str,
+    watchers: int,
+    trigger: Callable[[], Awaitable[None]],
+    server_pid: int,
+    events: int | None = None,
+) -> Burst:
+    """`watchers` streams of one generation; once each has its snapshot,
+    `trigger` sets the events off. Each stream ends with the generation, or
+    after `events` events. Events a stream replays on subscribing are history,
+    not deliveries, and are not counted."""
+    latencies: list[float] = []
+    ready = asyncio.Semaphore(0)
+    counted = asyncio.Event()  # the last expected delivery arrived
+
+    async def watch() -> None:
+        call = stub.WatchGeneration(gen.WatchGenerationRequest(id=generation_id), timeout=120)
+        seen, count = 0, 0
+        async for item in call:
+            received = time.time()
+            if item.HasField("snapshot"):
+                seen = item.snapshot.last_event_sequence
+                ready.release()
+            elif item.event.sequence > seen:
+                latencies.append((received - item.event.time.ToNanoseconds() / 1e9) * 1000)
+                count += 1
+                if count == events:
+                    break
+        if events is not None:
+            # Cancelled only once every stream has its events: 1,000 cancels
+            # amid the last burst would be measured as its deliveries.
+            if len(latencies) == watchers * events:
+                counted.set()
+            await counted.wait()
+            call.cancel()
+
+    cpu = CpuMeter({"server": server_pid})
+    spent = 0.0
+    async with asyncio.TaskGroup() as group:
+        for _ in range(watchers):
+            group.create_task(watch())
+        for _ in range(watchers):
+            await asyncio.wait_for(ready.acquire(), 60)
+        await asyncio.sleep(0.5)  # each stream subscribes just after its snapshot
+        cpu.start()
+        await trigger()
+        if events is not None:
+            await asyncio.wait_for(counted.wait(), 60)
+            spent = cpu.stop()["server"]
+    spent = spent or cpu.stop()["server"]
+    return Burst(latencies, len(latencies) / watchers, spent * 1e6 / max(1, len(latencies)))
+
+
+async def _grpc_floor(watchers: int, events: int) -> Burst:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.grpc_floor", stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        port = int(await asyncio.wait_for(process.stdout.readline(), 30))
+        async with open_channel(f"127.0.0.1:{port}") as channel:
+            stub = gen_grpc.GenerationServiceStub(channel)
+
+            async def publish() -> None:
+                # The watched generation's pace: a change every 100 ms.
+                for _ in range(events):
+                    await stub.CancelGeneration(gen.CancelGenerationRequest(id="floor"))
+                    await asyncio.sleep(0.1)
+
+            return await _watch_burst(stub, "floor", watchers, publish, process.pid, events)
+    finally:
+        process.kill()
+        await process.wait()
 
 
 # ----- 5. Image path -----------------------------------------------------------------------
