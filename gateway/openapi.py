@@ -168,7 +168,11 @@ def _paths() -> JsonDict:
                     "createGeneration",
                     "Queue a generation (the same request_id again returns the first one)",
                     {
-                        "202": _json(_ref("Generation"), "queued; Location names it"),
+                        "202": _json(
+                            _ref("Generation"),
+                            "queued, or dispatched already when a worker was free;"
+                            " Location names it",
+                        ),
                         "200": _json(_ref("Generation"), "an earlier request with this request_id"),
                         **_errors(400, 404, 413, 429),
                     },

@@ -65,9 +65,7 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
     async with _client(settings) as (stub, metadata):
         created = (await stub.CreateGeneration(request, metadata=metadata)).generation
         if not args.watch:
-            _print(
-                args, to_json(created), f"queued {created.id} (position {created.queue_position})"
-            )
+            _print(args, to_json(created), f"{created.id} {_where(created)}")
             return 0
         final = await _follow(stub, metadata, created, quiet=args.json)
     if args.json:
@@ -95,7 +93,7 @@ async def _follow(
         TextColumn("{task.completed}/{task.total}"),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(f"queued (position {created.queue_position})", total=None)
+        task = progress.add_task(_where(created), total=None)
         call = stub.WatchGeneration(gen.WatchGenerationRequest(id=created.id), metadata=metadata)
         async for item in call:
             if item.HasField("snapshot"):
@@ -118,6 +116,14 @@ async def _follow(
     reply = await stub.GetGeneration(gen.GetGenerationRequest(id=created.id), metadata=metadata)
     final: gen.Generation = reply.generation
     return final
+
+
+def _where(created: gen.Generation) -> str:
+    """Where a new generation stands: waiting in line, or already sent to a
+    free worker by its create."""
+    if created.status == gen.GENERATION_STATUS_QUEUED:
+        return f"queued (position {created.queue_position})"
+    return f"dispatched to {created.worker}"
 
 
 async def list_generations(settings: Settings, args: argparse.Namespace) -> int:

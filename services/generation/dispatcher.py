@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -140,11 +141,36 @@ class Dispatcher:
 
     def _start(self, row: Record) -> None:
         handle = self._worker_for(row)
+        self.workers.acquire(handle, row["checkpoint"])
+        self._launch(row, handle, None)
+
+    def _launch(
+        self, row: Record, handle: WorkerHandle, inputs: Sequence[tuple[str, bytes]] | None
+    ) -> None:
         fence = Fence(row["id"], row["attempts"], self.queue.owner)
         job = Job(row, fence, handle)
-        self.workers.acquire(handle, row["checkpoint"])
         self.jobs[row["id"]] = job
-        job.task = asyncio.create_task(self._run(job), name=f"job-{row['id']}")
+        job.task = asyncio.create_task(self._run(job, inputs), name=f"job-{row['id']}")
+
+    # ----- dispatch at create ----------------------------------------------------------
+
+    def reserve(self, checkpoint: str | None) -> WorkerHandle | None:
+        """A slot for a generation being created, taken now so that its create
+        can dispatch it (`Queue.create(direct_to=...)`); hand it back with
+        `start_created` or `unreserve`. None while paused or with no slot free."""
+        handle = None if self.paused else self.workers.pick(checkpoint)
+        if handle is not None:
+            self.workers.acquire(handle, checkpoint)
+        return handle
+
+    def unreserve(self, handle: WorkerHandle) -> None:
+        self.workers.release(handle)
+
+    def start_created(
+        self, row: Record, handle: WorkerHandle, inputs: Sequence[tuple[str, bytes]]
+    ) -> None:
+        """Run a generation its create dispatched to `handle` (its reserved slot)."""
+        self._launch(row, handle, inputs)
 
     def _worker_for(self, row: Record) -> WorkerHandle:
         # A taken-over job goes back to the ComfyUI that may still be running it.
@@ -156,7 +182,8 @@ class Dispatcher:
 
     # ----- one job -------------------------------------------------------------------
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, inputs: Sequence[tuple[str, bytes]] | None) -> None:
+        """One job; `inputs` given: its create dispatched it already."""
         claimed = time.monotonic()
         generation_id = job.row["id"]
         bound = log.bind(generation_id=str(generation_id), worker=job.handle.name)
@@ -166,12 +193,16 @@ class Dispatcher:
             # assigned its own: then that one, so the prompt is found again.
             job.prompt_id = job.row["prompt_id"] or prompt_id_for(job_id)
             bound = bound.bind(prompt_id=job.prompt_id)
-            # Two round trips on two connections at once: the input read does
-            # not depend on the DISPATCHED write, and both stand before Execute.
-            _, inputs = await asyncio.gather(
-                self._write(job, self.queue.dispatched(job.fence, job.handle.name, job.prompt_id)),
-                self.queue.inputs(generation_id),
-            )
+            if inputs is None:
+                # Two round trips on two connections at once: the input read does
+                # not depend on the DISPATCHED write, and both stand before Execute.
+                _, read = await asyncio.gather(
+                    self._write(
+                        job, self.queue.dispatched(job.fence, job.handle.name, job.prompt_id)
+                    ),
+                    self.queue.inputs(generation_id),
+                )
+                inputs = read
             request = worker.ExecuteRequest(
                 job_id=job_id,
                 graph_json=job.row["graph"],

@@ -1,7 +1,8 @@
 """The queue in PostgreSQL: every state change of a generation, as SQL.
 
 - Create inserts the row, its first event, its inputs and a NOTIFY in one
-  statement.
+  statement; when a worker is free and nothing waits ahead, the same
+  statement dispatches it.
 - Claims take queued rows with FOR UPDATE SKIP LOCKED in claim_key order
   (priority with aging) and lease them to this replica.
 - Every later write is fenced: it names the attempt (the fencing token) and
@@ -23,6 +24,7 @@ from typing import Any
 import asyncpg
 from asyncpg import Record
 
+from services.comfy_worker.executor import prompt_id_for
 from services.errors import NotFound, Reason, ResourceExhausted
 from services.settings import QueueSettings
 
@@ -33,45 +35,72 @@ ACTIVE = ("DISPATCHED", "RUNNING")
 
 
 # Appends an event to the rows `changed` returns (id, last_event_seq, status,
-# principal) and notifies.
-_EVENT_CTE = """
+# principal) and notifies; $E1 = event type, $E2 = payload.
+_EVENT_TAIL = """
 , inserted AS (
     INSERT INTO generation_events (generation_id, seq, type, status, payload)
     SELECT id, last_event_seq, {type}, status, {payload}::jsonb FROM changed
 )
+SELECT changed.*, pg_notify('{channel}',
+    changed.id::text || ':' || changed.last_event_seq || ':' || changed.principal)
+FROM changed
 """
-_NOTIFY_EVENT = f"""pg_notify('{EVENTS_CHANNEL}',
-    changed.id::text || ':' || changed.last_event_seq || ':' || changed.principal)"""
 
 
 def _with_event(changed_sql: str, type_param: str, payload_param: str) -> str:
-    event = _EVENT_CTE.format(type=type_param, payload=payload_param)
-    return f"WITH changed AS ({changed_sql}){event}SELECT changed.*, {_NOTIFY_EVENT} FROM changed"
+    tail = _EVENT_TAIL.format(type=type_param, payload=payload_param, channel=EVENTS_CHANNEL)
+    return f"WITH changed AS ({changed_sql})" + tail
 
 
 # Create in one statement, one round trip: the caller's limit, the row, its
-# CREATED event, its input images, both notifications and the queue position
-# (rows ahead, counted in the snapshot the insert saw). No row back means the
-# limit was reached or the request_id is taken; `create` then finds out which.
-# $1..$9 the row, $10 aging, $11 the caller's limit, $12/$13 input names/data.
+# events, its input images, the notifications and the queue position (rows
+# ahead, counted in the snapshot the insert saw). No row back means the limit
+# was reached or the request_id is taken; `create` then finds out which.
+# Given a free worker ($14) and with nothing queued ahead, the row is
+# dispatched right here (DISPATCHED, leased to $16, attempt 1, and its
+# DISPATCHED event), which saves the claim and the dispatch write after it.
+# $1..$9 the row, $10 aging, $11 the caller's limit, $12/$13 input names/data,
+# $14 worker or NULL, $15 prompt_id, $16 owner, $17 lease seconds.
 _CREATE = f"""
-WITH changed AS (
-    INSERT INTO generations (id, principal, request_id, template, parameters,
-        graph, checkpoint, priority, timeout_seconds, last_event_seq, claim_key)
-    SELECT $1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, 1,
-        extract(epoch FROM clock_timestamp()) - $8::int * $10::float8
+WITH place AS (
+    SELECT extract(epoch FROM clock_timestamp()) - $8::int * $10::float8 AS claim_key
+), ahead AS (
+    SELECT count(*) AS n FROM generations, place
+    WHERE status = 'QUEUED' AND generations.claim_key < place.claim_key
+), direct AS (
+    SELECT $14::text IS NOT NULL AND n = 0 AS go FROM ahead
+), changed AS (
+    INSERT INTO generations (id, principal, request_id, template, parameters, graph,
+        checkpoint, priority, timeout_seconds, claim_key, status, last_event_seq,
+        attempts, lease_owner, lease_expires_at, worker, prompt_id)
+    SELECT $1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, place.claim_key,
+        CASE WHEN go THEN 'DISPATCHED' ELSE 'QUEUED' END, CASE WHEN go THEN 2 ELSE 1 END,
+        CASE WHEN go THEN 1 ELSE 0 END, CASE WHEN go THEN $16 END,
+        CASE WHEN go THEN now() + make_interval(secs => $17) END,
+        CASE WHEN go THEN $14 END, CASE WHEN go THEN $15 END
+    FROM place, direct
     WHERE (SELECT count(*) FROM generations
            WHERE principal = $2 AND status = 'QUEUED') < $11::bigint
     ON CONFLICT (principal, request_id) DO NOTHING
     RETURNING *
-){_EVENT_CTE.format(type="'CREATED'", payload="'{}'")}, stored_inputs AS (
+), inserted AS (
+    INSERT INTO generation_events (generation_id, seq, type, status, payload)
+    SELECT id, 1, 'CREATED', 'QUEUED', '{{}}'::jsonb FROM changed
+    UNION ALL
+    SELECT id, 2, 'DISPATCHED', 'DISPATCHED',
+        jsonb_build_object('worker', worker, 'prompt_id', prompt_id)
+    FROM changed WHERE status = 'DISPATCHED'
+), stored_inputs AS (
     INSERT INTO generation_inputs (generation_id, name, data)
     SELECT changed.id, i.name, i.data
     FROM changed, unnest($12::text[], $13::bytea[]) AS i(name, data)
 )
-SELECT changed.*, {_NOTIFY_EVENT}, pg_notify('{QUEUED_CHANNEL}', ''),
-    (SELECT count(*) FROM generations
-     WHERE status = 'QUEUED' AND claim_key < changed.claim_key) + 1 AS queue_position
+SELECT changed.*,
+    pg_notify('{EVENTS_CHANNEL}', changed.id::text || ':1:' || changed.principal),
+    CASE WHEN status = 'DISPATCHED'
+        THEN pg_notify('{EVENTS_CHANNEL}', changed.id::text || ':2:' || changed.principal)
+        ELSE pg_notify('{QUEUED_CHANNEL}', '') END,
+    CASE WHEN status = 'QUEUED' THEN (SELECT n FROM ahead) + 1 ELSE 0 END AS queue_position
 FROM changed
 """
 
@@ -116,12 +145,15 @@ class Queue:
         priority: int,
         timeout_seconds: int,
         inputs: Sequence[tuple[str, bytes]],
+        direct_to: str | None = None,
     ) -> tuple[Record, bool, int]:
         """(row, created, queue position): a repeated request_id returns the
-        first row, unchanged."""
+        first row, unchanged. With `direct_to` (a worker with a slot kept free
+        for it) a row nothing waits ahead of comes back DISPATCHED to it."""
+        generation_id = uuid.uuid4()
         row = await self.pool.fetchrow(
             _CREATE,
-            uuid.uuid4(),
+            generation_id,
             principal,
             request_id,
             template,
@@ -134,6 +166,10 @@ class Queue:
             self.settings.max_queued_per_principal,
             [name for name, _ in inputs],
             [data for _, data in inputs],
+            direct_to,
+            prompt_id_for(str(generation_id)),
+            self.owner,
+            self.settings.lease_seconds,
         )
         if row is not None:
             return row, True, row["queue_position"]

@@ -4,13 +4,16 @@ generations (another caller's are NOT_FOUND, as if they did not exist)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
+from asyncpg import Record
 
 from services.contracts import gen, gen_grpc
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Reason
@@ -127,20 +130,43 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         resolved = self.library.resolve(
             template.name, values, available_models=self.workers.models()
         )
-        row, created, position = await self.queue.create(
-            principal=current_principal.get(),
-            request_id=request.request_id or None,
-            template=template.name,
-            parameters=json.loads(convert.parameters_json(template, resolved.parameters)),
-            graph=json.dumps(resolved.graph),
-            checkpoint=resolved.checkpoint,
-            priority=request.priority,
-            timeout_seconds=request.timeout_seconds or self.settings.comfyui.timeout_seconds,
-            inputs=inputs,
+        # Shielded: a caller hanging up must not leave a row its create
+        # dispatched without the job that runs it (it would wait out its lease).
+        row, created, position = await asyncio.shield(
+            self._create(
+                principal=current_principal.get(),
+                request_id=request.request_id or None,
+                template=template.name,
+                parameters=json.loads(convert.parameters_json(template, resolved.parameters)),
+                graph=json.dumps(resolved.graph),
+                checkpoint=resolved.checkpoint,
+                priority=request.priority,
+                timeout_seconds=request.timeout_seconds or self.settings.comfyui.timeout_seconds,
+                inputs=inputs,
+            )
         )
         return gen.CreateGenerationResponse(
             generation=convert.generation(row, position), created=created
         )
+
+    async def _create(self, **values: Any) -> tuple[Record, bool, int]:
+        """Queue.create, offering it a free worker slot: on an idle system the
+        new generation is dispatched by the statement that creates it."""
+        handle = self.dispatcher.reserve(values["checkpoint"])
+        try:
+            row, created, position = await self.queue.create(
+                **values, direct_to=handle.name if handle else None
+            )
+        except BaseException:
+            if handle is not None:
+                self.dispatcher.unreserve(handle)
+            raise
+        if handle is not None:
+            if created and row["status"] == "DISPATCHED":
+                self.dispatcher.start_created(row, handle, values["inputs"])
+            else:
+                self.dispatcher.unreserve(handle)
+        return row, created, position
 
     async def GetGeneration(
         self, request: gen.GetGenerationRequest, context: grpc.aio.ServicerContext

@@ -248,6 +248,9 @@ async def test_the_same_request_id_twice_gives_the_same_generation_and_one_run(
     assert third.generation.status == gen.GENERATION_STATUS_COMPLETED
     assert len(await listed(generation_service)) == 1
     assert len(generation_service.simulator.sim.runs) == 1
+    # The slot each repeat was offered (to dispatch at create) was handed back.
+    (worker,) = generation_service.running.workers.workers.values()
+    assert worker.in_use == 0
 
 
 async def test_a_request_id_that_is_too_long_is_invalid(
@@ -466,6 +469,8 @@ async def test_the_per_caller_queue_limit_is_resource_exhausted(
     error = from_rpc_error(caught.value)
     assert error.reason == "QUEUE_LIMIT"
     assert len(await listed(client)) == 3
+    (worker,) = client.running.workers.workers.values()
+    assert worker.in_use == 1  # the running one: a refused create keeps no slot
     # At the limit, a request sent again still gets its generation back.
     again = await client.stub.CreateGeneration(
         request(prompt="q2", steps=1, request_id="q2"), metadata=client.metadata

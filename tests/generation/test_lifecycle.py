@@ -14,8 +14,9 @@ async def test_a_generation_runs_to_completion_and_its_image_is_stored(
     generation_service: GenerationClient,
 ) -> None:
     created = await generation_service.create("a red fox", steps=3)
-    assert created.status == gen.GENERATION_STATUS_QUEUED
-    assert created.queue_position == 1
+    # A worker was free and nothing waited: the create dispatched it itself.
+    assert created.status == gen.GENERATION_STATUS_DISPATCHED
+    assert created.queue_position == 0 and created.worker == "gpu0" and created.attempts == 1
 
     done = await generation_service.wait(created.id)
 
@@ -37,6 +38,42 @@ async def test_a_generation_runs_to_completion_and_its_image_is_stored(
     ]
     assert chunks[0].image.path == image.path
     assert b"".join(c.data for c in chunks) == Path(image.path).read_bytes()
+
+
+async def test_a_create_with_a_free_slot_dispatches_it_in_the_same_statement(
+    generation_service: GenerationClient,
+) -> None:
+    created = await generation_service.create(steps=1)
+    done = await generation_service.wait(created.id)
+    call = generation_service.stub.WatchGeneration(gen.WatchGenerationRequest(id=created.id))
+    events = [item.event async for item in call][1:]
+
+    assert created.status == gen.GENERATION_STATUS_DISPATCHED and created.queue_position == 0
+    assert [e.type for e in events[:2]] == [gen.EVENT_TYPE_CREATED, gen.EVENT_TYPE_DISPATCHED]
+    assert events[0].status == gen.GENERATION_STATUS_QUEUED
+    assert (events[1].worker, events[1].prompt_id) == ("gpu0", done.prompt_id)
+    assert done.status == gen.GENERATION_STATUS_COMPLETED and done.attempts == 1
+
+
+async def test_with_every_slot_taken_or_dispatch_paused_a_create_queues(
+    generation_service: GenerationClient,
+) -> None:
+    sim, dispatcher = generation_service.simulator.sim, generation_service.running.dispatcher
+    sim.set_step_seconds(0.05)
+    busy = [await generation_service.create(f"busy {n}", steps=20) for n in range(2)]
+    waiting = await generation_service.create("waits", steps=1)
+    assert [b.status for b in busy] == [gen.GENERATION_STATUS_DISPATCHED] * 2
+    assert waiting.status == gen.GENERATION_STATUS_QUEUED and waiting.queue_position == 1
+
+    for generation in [*busy, waiting]:
+        await generation_service.wait(generation.id)
+    dispatcher.paused = "STORAGE_FULL: held for this test"
+    paused = await generation_service.create("paused", steps=1)
+    assert paused.status == gen.GENERATION_STATUS_QUEUED
+    # The store has room: the next dispatch round resumes and claims it.
+    dispatcher.poke()
+    done = await generation_service.wait(paused.id)
+    assert done.status == gen.GENERATION_STATUS_COMPLETED
 
 
 async def test_a_first_dispatch_posts_without_asking_comfyui_first(

@@ -85,10 +85,12 @@ class GenerationServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateGeneration(self, request, context):
-        """Validate against the template and queue. INVALID_ARGUMENT with BadRequest
-        field violations for bad input, NOT_FOUND for an unknown template,
-        FAILED_PRECONDITION with ErrorInfo MODEL_NOT_FOUND for a checkpoint no
-        worker has. A repeated request_id returns the first generation.
+        """Validate against the template and queue. With a worker slot free and
+        nothing queued ahead, the generation comes back already DISPATCHED.
+        INVALID_ARGUMENT with BadRequest field violations for bad input, NOT_FOUND
+        for an unknown template, FAILED_PRECONDITION with ErrorInfo
+        MODEL_NOT_FOUND for a checkpoint no worker has. A repeated request_id
+        returns the first generation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

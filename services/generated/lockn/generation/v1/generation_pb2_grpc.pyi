@@ -35,10 +35,12 @@ class GenerationServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GenerationServiceAsyncStub: ...
     CreateGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.CreateGenerationRequest, _generation_pb2.CreateGenerationResponse]
-    """Validate against the template and queue. INVALID_ARGUMENT with BadRequest
-    field violations for bad input, NOT_FOUND for an unknown template,
-    FAILED_PRECONDITION with ErrorInfo MODEL_NOT_FOUND for a checkpoint no
-    worker has. A repeated request_id returns the first generation.
+    """Validate against the template and queue. With a worker slot free and
+    nothing queued ahead, the generation comes back already DISPATCHED.
+    INVALID_ARGUMENT with BadRequest field violations for bad input, NOT_FOUND
+    for an unknown template, FAILED_PRECONDITION with ErrorInfo
+    MODEL_NOT_FOUND for a checkpoint no worker has. A repeated request_id
+    returns the first generation.
     """
     GetGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GetGenerationRequest, _generation_pb2.GetGenerationResponse]
     ListGenerations: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListGenerationsRequest, _generation_pb2.ListGenerationsResponse]
@@ -61,10 +63,12 @@ class GenerationServiceStub:
 class GenerationServiceAsyncStub(GenerationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.CreateGenerationRequest, _generation_pb2.CreateGenerationResponse]  # type: ignore[assignment]
-    """Validate against the template and queue. INVALID_ARGUMENT with BadRequest
-    field violations for bad input, NOT_FOUND for an unknown template,
-    FAILED_PRECONDITION with ErrorInfo MODEL_NOT_FOUND for a checkpoint no
-    worker has. A repeated request_id returns the first generation.
+    """Validate against the template and queue. With a worker slot free and
+    nothing queued ahead, the generation comes back already DISPATCHED.
+    INVALID_ARGUMENT with BadRequest field violations for bad input, NOT_FOUND
+    for an unknown template, FAILED_PRECONDITION with ErrorInfo
+    MODEL_NOT_FOUND for a checkpoint no worker has. A repeated request_id
+    returns the first generation.
     """
     GetGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.GetGenerationRequest, _generation_pb2.GetGenerationResponse]  # type: ignore[assignment]
     ListGenerations: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListGenerationsRequest, _generation_pb2.ListGenerationsResponse]  # type: ignore[assignment]
@@ -90,10 +94,12 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.CreateGenerationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.CreateGenerationResponse, _abc.Awaitable[_generation_pb2.CreateGenerationResponse]]:
-        """Validate against the template and queue. INVALID_ARGUMENT with BadRequest
-        field violations for bad input, NOT_FOUND for an unknown template,
-        FAILED_PRECONDITION with ErrorInfo MODEL_NOT_FOUND for a checkpoint no
-        worker has. A repeated request_id returns the first generation.
+        """Validate against the template and queue. With a worker slot free and
+        nothing queued ahead, the generation comes back already DISPATCHED.
+        INVALID_ARGUMENT with BadRequest field violations for bad input, NOT_FOUND
+        for an unknown template, FAILED_PRECONDITION with ErrorInfo
+        MODEL_NOT_FOUND for a checkpoint no worker has. A repeated request_id
+        returns the first generation.
         """
 
     @_abc_1.abstractmethod
