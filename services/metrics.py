@@ -15,7 +15,7 @@ _DURATION = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 QUEUE_DEPTH = Gauge("lockn_queue_depth", "Generations by status", ["status"])
 DISPATCH_LATENCY = Histogram(
     "lockn_dispatch_latency_seconds",
-    "From a claim to ComfyUI accepting the prompt",
+    "From a claim (or a create that dispatched at once) to ComfyUI accepting the prompt",
     buckets=_LATENCY,
 )
 QUEUE_WAIT = Histogram(
