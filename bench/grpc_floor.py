@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services import event_loop
 from services.contracts import gen, gen_grpc
 
 
@@ -58,4 +59,5 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(serve()))
+    # The same loop as the services, so the floor compares like with like.
+    sys.exit(event_loop.run(serve()))

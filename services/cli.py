@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from services import event_loop
 from services.database import DatabaseUnreachable, connect, migrate
 from services.errors import LocknError
 from services.log import configure_logging
@@ -65,9 +66,12 @@ def _lazy(module: str, function: str) -> Callable[[Settings, argparse.Namespace]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lockn-gen", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The services run on uvloop when installed; the rest (the simulator, a
+    # stand-in for ComfyUI, among them) on the standard loop.
+    parser.set_defaults(loop=asyncio.run)
     for name, (module, function, help_text) in PROCESSES.items():
         sub = commands.add_parser(name, help=help_text)
-        sub.set_defaults(run=_lazy(module, function))
+        sub.set_defaults(run=_lazy(module, function), loop=event_loop.run)
     sub = commands.add_parser("migrate", help="apply database migrations")
     sub.set_defaults(run=_migrate)
     sub = commands.add_parser("check-database", help="check that DATABASE_URL answers")
@@ -119,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level, settings.log_format)
         result = args.run(settings, args)
         if isinstance(result, Coroutine):
-            result = asyncio.run(result)
+            result = args.loop(result)
     except (SettingsError, DatabaseUnreachable) as error:
         print(f"lockn-gen: {error}", file=sys.stderr)
         return 2
