@@ -38,19 +38,50 @@ class Subscription:
         self.last = after
         self.buffer: deque[Record] = deque()
         self.behind = True  # read the table once at start: events may precede the subscription
-        self.wake = asyncio.Event()
-        self.wake.set()
+        # A future per wait rather than an asyncio.Event: 1,000 watchers of a
+        # generation are 1,000 wake-ups per event, and Event looks the running
+        # loop up on every wait.
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        self._woken = True
 
     def offer(self, event: Record) -> None:
         if len(self.buffer) < BUFFER:
             self.buffer.append(event)
         else:
             self.behind = True
-        self.wake.set()
+        self._wake()
 
     def mark_behind(self) -> None:
         self.behind = True
-        self.wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._woken = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def woken(self) -> None:
+        """Until offer() or mark_behind() since the last time this returned."""
+        if not self._woken:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        self._woken = False
+
+    def take_buffered(self) -> list[Record]:
+        """The buffered events that follow on from the last one, in order; a gap
+        (or a full buffer) marks the subscription behind instead."""
+        ready: list[Record] = []
+        while self.buffer and not self.behind:
+            event = self.buffer.popleft()
+            if event["seq"] <= self.last:
+                continue  # already read from the table
+            if event["seq"] != self.last + 1:
+                self.behind = True  # a gap: the table has what is missing
+                break
+            ready.append(event)
+            self.last = event["seq"]
+        return ready
 
 
 class PrincipalSubscription:
@@ -98,9 +129,11 @@ class EventHub:
         self._by_generation.setdefault(generation_id, set()).add(sub)
         try:
             while True:
-                await sub.wake.wait()
-                sub.wake.clear()
-                for event in await self._next_events(sub):
+                await sub.woken()
+                ready = sub.take_buffered()
+                if sub.behind:
+                    ready += await self._read_missed(sub)
+                for event in ready:
                     yield event
                     if event["type"] in TERMINAL:
                         return
@@ -111,27 +144,15 @@ class EventHub:
                 if not group:
                     del self._by_generation[generation_id]
 
-    async def _next_events(self, sub: Subscription) -> list[Record]:
-        ready: list[Record] = []
-        while sub.buffer and not sub.behind:
-            event = sub.buffer.popleft()
-            if event["seq"] <= sub.last:
-                continue  # already read from the table
-            if event["seq"] != sub.last + 1:
-                sub.behind = True  # a gap: the table has what is missing
-                break
-            ready.append(event)
-            sub.last = event["seq"]
-        if sub.behind:
-            sub.behind = False
-            sub.buffer.clear()
-            missed = await self.queue.events_after(sub.generation_id, sub.last)
-            if len(missed) == 500:
-                sub.mark_behind()  # more to read on the next turn
-            for event in missed:
-                ready.append(event)
-                sub.last = event["seq"]
-        return ready
+    async def _read_missed(self, sub: Subscription) -> list[Record]:
+        sub.behind = False
+        sub.buffer.clear()
+        missed = await self.queue.events_after(sub.generation_id, sub.last)
+        if len(missed) == 500:
+            sub.mark_behind()  # more to read on the next turn
+        if missed:
+            sub.last = missed[-1]["seq"]
+        return missed
 
     @contextlib.contextmanager
     def watch_principal(self, principal: str) -> Any:
