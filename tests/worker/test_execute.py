@@ -19,6 +19,7 @@ from services.errors import InvalidArgument, from_rpc_error
 from services.generation.templates import ImageRef, TemplateLibrary
 from tests.fixtures.simulator import RunningSimulator, StartSimulator
 from tests.fixtures.worker import StartWorker, WorkerClient
+from tests.simulator.test_knobs import wait_until
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 LIBRARY = TemplateLibrary.load(WORKFLOWS)
@@ -283,30 +284,36 @@ def test_a_worker_keeps_its_websocket_client_id_across_restarts() -> None:
     assert stable_client_id(url, "127.0.0.1:0") is None  # no fixed place, no fixed id
 
 
+async def cancel_waiting_and_running(
+    client: WorkerClient, simulator: RunningSimulator
+) -> tuple[list[worker.ExecutionEvent], list[worker.ExecutionEvent]]:
+    """Queue a long prompt and a second behind it, then Cancel the waiting one,
+    the running one and an unknown id: DELETED, INTERRUPTED, NOT_FOUND. The
+    events of (running, waiting), both streams run to their end."""
+    simulator.sim.set_step_seconds(0.05)
+    running = asyncio.create_task(run(client, "job-running", graph(steps=100)))
+    await wait_until(lambda: simulator.sim.running is not None)
+    waiting = asyncio.create_task(run(client, "job-waiting", graph(steps=101)))
+    await wait_until(lambda: len(simulator.sim.pending) == 1)
+    await wait_until(lambda: prompt_id_for("job-waiting") in client.running.executor.in_flight)
+    outcomes = [
+        (await client.stub.Cancel(worker.CancelRequest(prompt_id=prompt_id))).outcome
+        for prompt_id in (prompt_id_for("job-waiting"), prompt_id_for("job-running"), "nope")
+    ]
+    assert outcomes == [
+        worker.CANCEL_OUTCOME_DELETED,
+        worker.CANCEL_OUTCOME_INTERRUPTED,
+        worker.CANCEL_OUTCOME_NOT_FOUND,
+    ]
+    return await running, await waiting
+
+
 async def test_cancel_deletes_a_waiting_prompt_and_interrupts_a_running_one(
     comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
 ) -> None:
-    comfyui_simulator.sim.set_step_seconds(0.05)
-    running = asyncio.create_task(run(comfy_worker, "job-running", graph(steps=100)))
-    while comfyui_simulator.sim.running is None:
-        await asyncio.sleep(0.01)
-    waiting = asyncio.create_task(run(comfy_worker, "job-waiting", graph(steps=101)))
-    while len(comfyui_simulator.sim.pending) < 1:
-        await asyncio.sleep(0.01)
-
-    deleted = await comfy_worker.stub.Cancel(
-        worker.CancelRequest(prompt_id=prompt_id_for("job-waiting"))
-    )
-    interrupted = await comfy_worker.stub.Cancel(
-        worker.CancelRequest(prompt_id=prompt_id_for("job-running"))
-    )
-    unknown = await comfy_worker.stub.Cancel(worker.CancelRequest(prompt_id="nope"))
-
-    assert deleted.outcome == worker.CANCEL_OUTCOME_DELETED
-    assert interrupted.outcome == worker.CANCEL_OUTCOME_INTERRUPTED
-    assert unknown.outcome == worker.CANCEL_OUTCOME_NOT_FOUND
-    assert (await waiting)[-1].failed.reason == "INTERRUPTED"
-    assert (await running)[-1].failed.reason == "INTERRUPTED"
+    running, waiting = await cancel_waiting_and_running(comfy_worker, comfyui_simulator)
+    assert waiting[-1].failed.reason == "INTERRUPTED"
+    assert running[-1].failed.reason == "INTERRUPTED"
     assert [r.prompt_id for r in comfyui_simulator.sim.runs] == [prompt_id_for("job-running")]
 
 

@@ -6,9 +6,6 @@ The simulator's request log shows which routes were and were not asked."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 import pytest
 
 from services.comfy_worker.comfyui import ComfyUIClient, ComfyUIRejected, JobState, jobs_api_in
@@ -17,7 +14,14 @@ from services.contracts import worker
 from tests.fixtures.simulator import RunningSimulator, StartSimulator
 from tests.fixtures.worker import StartWorker
 from tests.simulator.test_knobs import wait_until
-from tests.worker.test_execute import attach, graph, images, run, start_and_abandon
+from tests.worker.test_execute import (
+    attach,
+    cancel_waiting_and_running,
+    graph,
+    images,
+    run,
+    start_and_abandon,
+)
 
 HISTORY = ("/history", "/api/history")
 
@@ -146,27 +150,12 @@ async def test_a_restarted_worker_follows_its_prompt_through_the_jobs_api(
 async def test_cancel_tells_waiting_from_running_through_the_jobs_api(
     simulator_factory: StartSimulator, worker_factory: StartWorker
 ) -> None:
-    simulator = await simulator_factory(jobs_api=True, step_seconds=0.05)
+    simulator = await simulator_factory(jobs_api=True)
     client = await worker_factory(simulator)
-    running = asyncio.create_task(run(client, "job-running", graph(steps=100)))
-    await wait_until(lambda: simulator.sim.running is not None)
-    waiting = asyncio.create_task(run(client, "job-waiting", graph(steps=101)))
-    await wait_until(lambda: len(simulator.sim.pending) == 1)
-    await wait_until(lambda: prompt_id_for("job-waiting") in client.running.executor.in_flight)
-
-    deleted = await client.stub.Cancel(worker.CancelRequest(prompt_id=prompt_id_for("job-waiting")))
-    interrupted = await client.stub.Cancel(
-        worker.CancelRequest(prompt_id=prompt_id_for("job-running"))
-    )
-    unknown = await client.stub.Cancel(worker.CancelRequest(prompt_id="nope"))
-
-    assert deleted.outcome == worker.CANCEL_OUTCOME_DELETED
-    assert interrupted.outcome == worker.CANCEL_OUTCOME_INTERRUPTED
-    assert unknown.outcome == worker.CANCEL_OUTCOME_NOT_FOUND
-    waited: list[Any] = await waiting
-    assert waited[0].accepted.queue_position == 1  # behind the running prompt
-    assert waited[-1].failed.reason == "INTERRUPTED"
-    assert (await running)[-1].failed.reason == "INTERRUPTED"
+    running, waiting = await cancel_waiting_and_running(client, simulator)
+    assert waiting[0].accepted.queue_position == 1  # behind the running prompt
+    assert waiting[-1].failed.reason == "INTERRUPTED"
+    assert running[-1].failed.reason == "INTERRUPTED"
     assert "/api/jobs/nope" in asked(simulator)
     assert history_reads(simulator) == []
 
