@@ -512,7 +512,6 @@ async def _watch_burst(
             call.cancel()
 
     cpu = CpuMeter({"server": server_pid})
-    spent = 0.0
     async with asyncio.TaskGroup() as group:
         for _ in range(watchers):
             group.create_task(watch())
@@ -523,8 +522,9 @@ async def _watch_burst(
         await trigger()
         if events is not None:
             await asyncio.wait_for(counted.wait(), 60)
-            spent = cpu.stop()["server"]
-    spent = spent or cpu.stop()["server"]
+            spent = cpu.stop()["server"]  # before the cancels
+    if events is None:
+        spent = cpu.stop()["server"]  # the streams ended with the generation
     return Burst(latencies, len(latencies) / watchers, spent * 1e6 / max(1, len(latencies)))
 
 
