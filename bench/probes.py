@@ -1,0 +1,139 @@
+"""Small measurements behind BENCHMARKS.md's explanations, one per probe:
+
+    python -m bench.probes rpc-idle       # a gRPC and a SQL round trip, back to back and idle
+    python -m bench.probes create-depth   # PostgreSQL's cost of a create as the queue grows
+    python -m bench.probes chunk-encode   # building and encoding a 1 MB image chunk message
+
+They are not scenarios: no target, nothing written to latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.results import Report
+from bench.scenarios import Bench
+from services.database import create_pool
+from services.embedded_postgres import postgres_server
+from services.generation.queue import Queue
+from services.grpc_server import open_channel
+from services.settings import QueueSettings
+
+CALLS = 200
+IDLE_S = 0.03
+
+
+async def _p50_ms(call: Callable[[], Awaitable[object]], idle_s: float) -> float:
+    spent = []
+    for _ in range(CALLS):
+        await asyncio.sleep(idle_s)
+        started = time.perf_counter()
+        await call()
+        spent.append((time.perf_counter() - started) * 1000)
+    return statistics.median(spent)
+
+
+async def rpc_idle(server: str, work: Path) -> None:
+    """An idle process wakes slowly: the same call back to back and 30 ms apart."""
+    bench = Bench(server, True, work, Report(quick=True))
+    async with bench.database() as dsn, bench.stack("probe") as stack:
+        _, _, generation = await bench.single_gpu_stack(stack, dsn, step_seconds=0.0)
+        conn = await asyncpg.connect(dsn)
+        async with open_channel(generation.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            calls = {
+                "gRPC health check to GenerationService": lambda: health.Check(
+                    health_pb2.HealthCheckRequest()
+                ),
+                "PostgreSQL SELECT 1": lambda: conn.fetchval("SELECT 1"),
+            }
+            for name, call in calls.items():
+                together = await _p50_ms(call, 0.0)
+                apart = await _p50_ms(call, IDLE_S)
+                print(f"{name}: p50 {together:.2f} ms back to back, {apart:.2f} ms 30 ms apart")
+        await conn.close()
+
+
+async def create_depth(server: str, work: Path) -> None:
+    """Queue.create on one connection, nothing taking work, per 1,000 queued."""
+    bench = Bench(server, True, work, Report(quick=True))
+    async with bench.database() as dsn:
+        pool = await create_pool(dsn)
+        queue = Queue(pool, QueueSettings(), "probe")
+        for thousand in range(1, 11):
+            started = time.perf_counter()
+            for _ in range(1000):
+                await queue.create(
+                    principal="probe",
+                    request_id=None,
+                    template="t",
+                    parameters={},
+                    graph="{}",
+                    checkpoint=None,
+                    priority=0,
+                    timeout_seconds=60,
+                    inputs=[],
+                )
+            per_create = (time.perf_counter() - started) / 1000 * 1000
+            print(f"{thousand * 1000:6d} queued: {per_create:.2f} ms per create")
+        await pool.close()
+
+
+# Run in a process of its own, with and without the services' malloc tuning.
+_ENCODE = """
+import sys, timeit
+from services import allocator
+from services.contracts import worker
+if sys.argv[1] == "tuned":
+    allocator.reuse_large_blocks()
+data = b"x" * (1 << 20)
+
+def by_constructor():
+    chunk = worker.OutputChunk(prompt_id="p", offset=0, data=data)
+    return worker.ExecuteResponse(event=worker.ExecutionEvent(output=chunk)).SerializeToString()
+
+def in_place():
+    event = worker.ExecutionEvent()
+    event.output.prompt_id = "p"
+    event.output.data = data
+    response = worker.ExecuteResponse()
+    response.event.CopyFrom(event)
+    return response.SerializeToString()
+
+for f in (by_constructor, in_place):
+    ms = timeit.timeit(f, number=200) / 200 * 1000
+    print(f"  {f.__name__}: {ms:.2f} ms per 1 MB chunk message")
+"""
+
+
+def chunk_encode() -> None:
+    for mode in ("default", "tuned"):
+        print(f"glibc malloc {mode}:", flush=True)
+        subprocess.run([sys.executable, "-c", _ENCODE, mode], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.probes")
+    parser.add_argument("probe", choices=["rpc-idle", "create-depth", "chunk-encode"])
+    args = parser.parse_args()
+    if args.probe == "chunk-encode":
+        chunk_encode()
+        return
+    probe = rpc_idle if args.probe == "rpc-idle" else create_depth
+    with postgres_server() as server, tempfile.TemporaryDirectory() as work:
+        asyncio.run(probe(server, Path(work)))
+
+
+if __name__ == "__main__":
+    main()
