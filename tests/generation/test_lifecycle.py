@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from services.contracts import gen
 from services.generation.store import StorageFull
@@ -89,12 +92,20 @@ async def test_a_first_dispatch_posts_without_asking_comfyui_first(
 
 
 async def test_a_large_image_is_flushed_to_disk_while_it_streams_in(
-    generation_service: GenerationClient,
+    generation_service: GenerationClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = generation_service.running.dispatcher.store
     flushed: list[int] = []
-    real_flush = store.flush
-    store.flush = lambda handle: (flushed.append(handle.tell()), real_flush(handle))  # type: ignore[method-assign]
+    to_thread = asyncio.to_thread
+
+    def scheduled(func: Any, *args: Any) -> Any:
+        # Where the file stood when the flush was sent to its thread: the
+        # thread itself may start only after the last chunk was written.
+        if func == store.flush:
+            flushed.append(args[0].tell())
+        return to_thread(func, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", scheduled)
 
     created = await generation_service.create(steps=1, width=1024, height=1024)
     done = await generation_service.wait(created.id)
