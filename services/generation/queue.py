@@ -26,6 +26,7 @@ from asyncpg import Record
 
 from services.comfy_worker.executor import prompt_id_for
 from services.errors import NotFound, Reason, ResourceExhausted
+from services.generation.batching import Batcher
 from services.settings import QueueSettings
 
 QUEUED_CHANNEL = "lockn_queued"
@@ -52,35 +53,72 @@ def _with_event(changed_sql: str, type_param: str, payload_param: str) -> str:
     return f"WITH changed AS ({changed_sql})" + tail
 
 
-# Create in one statement, one round trip: the caller's limit, the row, its
-# events, its input images, the notifications and the queue position (rows
-# ahead, counted in the snapshot the insert saw). No row back means the limit
-# was reached or the request_id is taken; `create` then finds out which.
-# Given a free worker ($14) and with nothing queued ahead, the row is
-# dispatched right here (DISPATCHED, leased to $16, attempt 1, and its
-# DISPATCHED event), which saves the claim and the dispatch write after it.
-# $1..$9 the row, $10 aging, $11 the caller's limit, $12/$13 input names/data,
-# $14 worker or NULL, $15 prompt_id, $16 owner, $17 lease seconds.
+# Create a batch of generations in one statement, one round trip (see
+# batching.py): the callers' limits, the rows, their events, their input
+# images, the notifications and each row's queue position. The two counts of
+# the queue are made once per caller and once per priority in the batch, in
+# the snapshot the insert sees, and rows of one batch are ranked among
+# themselves. A row left out (its caller's limit reached, its request_id
+# taken) comes back with no result; `create` then finds out which.
+# A row given a free worker ($10, a slot kept for it) with nothing queued
+# ahead, in the table or in the batch, is dispatched right here (DISPATCHED,
+# leased to $14, attempt 1, with its DISPATCHED event), which saves the claim
+# and the dispatch write after it.
+# $1..$11 one array per column, $12 aging, $13 the callers' limit, $14 owner,
+# $15 lease seconds, $16..$18 input images (generation id, name, data).
 _CREATE = f"""
 WITH place AS (
-    SELECT extract(epoch FROM clock_timestamp()) - $8::int * $10::float8 AS claim_key
-), ahead AS (
-    SELECT count(*) AS n FROM generations, place
-    WHERE status = 'QUEUED' AND generations.claim_key < place.claim_key
-), direct AS (
-    SELECT $14::text IS NOT NULL AND n = 0 AS go FROM ahead
+    SELECT extract(epoch FROM clock_timestamp()) AS now_s
+), batch AS (
+    -- Arrival order within the batch: a microsecond apart, which a double
+    -- of epoch seconds still tells apart.
+    SELECT b.*, place.now_s - b.priority * $12::float8 + b.ord * 1e-6 AS claim_key
+    FROM place, unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::int[], $9::int[], $10::text[], $11::text[])
+        WITH ORDINALITY AS b(id, principal, request_id, template, parameters, graph,
+            checkpoint, priority, timeout_seconds, worker, prompt_id, ord)
+    WHERE NOT EXISTS (SELECT 1 FROM generations g
+                      WHERE g.principal = b.principal AND g.request_id = b.request_id)
+), callers AS MATERIALIZED (
+    -- MATERIALIZED, here and in levels: inlined, the count ran once per row.
+    SELECT c.principal, (SELECT count(*) FROM generations g
+                         WHERE g.principal = c.principal AND g.status = 'QUEUED') AS queued
+    FROM (SELECT DISTINCT principal FROM batch) c
+), allowed AS (
+    SELECT * FROM (
+        SELECT batch.*, callers.queued
+            + row_number() OVER (PARTITION BY batch.principal ORDER BY batch.ord) AS nth
+        FROM batch JOIN callers USING (principal)
+    ) ranked WHERE nth <= $13::bigint
+), levels AS MATERIALIZED (
+    SELECT p.priority, (SELECT count(*) FROM generations g
+                        WHERE g.status = 'QUEUED'
+                          AND g.claim_key < place.now_s - p.priority * $12::float8) AS ahead
+    FROM place, (SELECT DISTINCT priority FROM allowed) p
+), placed AS (
+    SELECT allowed.*, levels.ahead,
+        count(*) FILTER (WHERE allowed.worker IS NULL) OVER earlier AS unserved_before
+    FROM allowed JOIN levels USING (priority)
+    WINDOW earlier AS (ORDER BY allowed.claim_key ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+), decided AS (
+    SELECT placed.*, worker IS NOT NULL AND ahead = 0 AND unserved_before = 0 AS go
+    FROM placed
+), positioned AS (
+    SELECT id, go, CASE WHEN go THEN 0
+        ELSE ahead + count(*) FILTER (WHERE NOT go) OVER earlier + 1 END AS queue_position
+    FROM decided
+    WINDOW earlier AS (ORDER BY claim_key ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
 ), changed AS (
     INSERT INTO generations (id, principal, request_id, template, parameters, graph,
         checkpoint, priority, timeout_seconds, claim_key, status, last_event_seq,
         attempts, lease_owner, lease_expires_at, worker, prompt_id)
-    SELECT $1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, place.claim_key,
+    SELECT id, principal, request_id, template, parameters::jsonb, graph, checkpoint,
+        priority, timeout_seconds, claim_key,
         CASE WHEN go THEN 'DISPATCHED' ELSE 'QUEUED' END, CASE WHEN go THEN 2 ELSE 1 END,
-        CASE WHEN go THEN 1 ELSE 0 END, CASE WHEN go THEN $16 END,
-        CASE WHEN go THEN now() + make_interval(secs => $17) END,
-        CASE WHEN go THEN $14 END, CASE WHEN go THEN $15 END
-    FROM place, direct
-    WHERE (SELECT count(*) FROM generations
-           WHERE principal = $2 AND status = 'QUEUED') < $11::bigint
+        CASE WHEN go THEN 1 ELSE 0 END, CASE WHEN go THEN $14 END,
+        CASE WHEN go THEN now() + make_interval(secs => $15) END,
+        CASE WHEN go THEN worker END, CASE WHEN go THEN prompt_id END
+    FROM decided ORDER BY ord
     ON CONFLICT (principal, request_id) DO NOTHING
     RETURNING *
 ), inserted AS (
@@ -92,17 +130,39 @@ WITH place AS (
     FROM changed WHERE status = 'DISPATCHED'
 ), stored_inputs AS (
     INSERT INTO generation_inputs (generation_id, name, data)
-    SELECT changed.id, i.name, i.data
-    FROM changed, unnest($12::text[], $13::bytea[]) AS i(name, data)
+    SELECT i.generation_id, i.name, i.data
+    FROM unnest($16::uuid[], $17::text[], $18::bytea[]) AS i(generation_id, name, data)
+    JOIN changed ON changed.id = i.generation_id
 )
 SELECT changed.*,
     pg_notify('{EVENTS_CHANNEL}', changed.id::text || ':1:' || changed.principal),
     CASE WHEN status = 'DISPATCHED'
         THEN pg_notify('{EVENTS_CHANNEL}', changed.id::text || ':2:' || changed.principal)
         ELSE pg_notify('{QUEUED_CHANNEL}', '') END,
-    CASE WHEN status = 'QUEUED' THEN (SELECT n FROM ahead) + 1 ELSE 0 END AS queue_position
-FROM changed
+    positioned.queue_position
+FROM changed JOIN positioned USING (id)
 """
+# Concurrent creates of one replica share a statement, up to this many rows
+# each, with up to this many statements at a time.
+CREATE_BATCH_ROWS = 64
+CREATES_IN_FLIGHT = 2
+
+
+@dataclass(frozen=True)
+class NewGeneration:
+    """One row of a create batch: a validated request and the slot kept for it."""
+
+    id: uuid.UUID
+    principal: str
+    request_id: str | None
+    template: str
+    parameters: str
+    graph: str
+    checkpoint: str | None
+    priority: int
+    timeout_seconds: int
+    inputs: Sequence[tuple[str, bytes]]
+    direct_to: str | None
 
 
 # A write of a claimed row applies only while its fence ($1 id, $2 attempt,
@@ -130,6 +190,9 @@ class Queue:
         self.pool = pool
         self.settings = settings
         self.owner = owner
+        self._creates: Batcher[NewGeneration, Record | None] = Batcher(
+            self.create_many, max_size=CREATE_BATCH_ROWS, max_in_flight=CREATES_IN_FLIGHT
+        )
 
     # ----- callers -----------------------------------------------------------------
 
@@ -150,27 +213,25 @@ class Queue:
         """(row, created, queue position): a repeated request_id returns the
         first row, unchanged. With `direct_to` (a worker with a slot kept free
         for it) a row nothing waits ahead of comes back DISPATCHED to it."""
-        generation_id = uuid.uuid4()
-        row = await self.pool.fetchrow(
-            _CREATE,
-            generation_id,
-            principal,
-            request_id,
-            template,
-            json.dumps(parameters),
-            graph,
-            checkpoint,
-            priority,
-            timeout_seconds,
-            self.settings.aging_seconds_per_priority,
-            self.settings.max_queued_per_principal,
-            [name for name, _ in inputs],
-            [data for _, data in inputs],
-            direct_to,
-            prompt_id_for(str(generation_id)),
-            self.owner,
-            self.settings.lease_seconds,
+        new = NewGeneration(
+            id=uuid.uuid4(),
+            principal=principal,
+            request_id=request_id,
+            template=template,
+            parameters=json.dumps(parameters),
+            graph=graph,
+            checkpoint=checkpoint,
+            priority=priority,
+            timeout_seconds=timeout_seconds,
+            inputs=inputs,
+            direct_to=direct_to,
         )
+        # A create carrying images goes alone: a batch's statement holds every
+        # row's bytes at once.
+        if inputs:
+            (row,) = await self.create_many([new])
+        else:
+            row = await self._creates.submit(new)
         if row is not None:
             return row, True, row["queue_position"]
         if request_id:
@@ -186,6 +247,32 @@ class Queue:
             f"this caller already has {limit} generations queued, the limit",
             retry_after_seconds=10.0,
         )
+
+    async def create_many(self, batch: Sequence[NewGeneration]) -> list[Record | None]:
+        """The rows, in one statement: None for a row left out."""
+        rows = await self.pool.fetch(
+            _CREATE,
+            [n.id for n in batch],
+            [n.principal for n in batch],
+            [n.request_id for n in batch],
+            [n.template for n in batch],
+            [n.parameters for n in batch],
+            [n.graph for n in batch],
+            [n.checkpoint for n in batch],
+            [n.priority for n in batch],
+            [n.timeout_seconds for n in batch],
+            [n.direct_to for n in batch],
+            [prompt_id_for(str(n.id)) for n in batch],
+            self.settings.aging_seconds_per_priority,
+            self.settings.max_queued_per_principal,
+            self.owner,
+            self.settings.lease_seconds,
+            [n.id for n in batch for _ in n.inputs],
+            [name for n in batch for name, _ in n.inputs],
+            [data for n in batch for _, data in n.inputs],
+        )
+        by_id = {row["id"]: row for row in rows}
+        return [by_id.get(n.id) for n in batch]
 
     async def get(self, generation_id: uuid.UUID, principal: str | None) -> Record:
         """The row, when it exists and (unless principal is None) belongs to the caller."""

@@ -7,26 +7,15 @@ generations."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 
-from services.database import connect, create_pool
+from services.database import connect
 from services.generation.queue import Fence, Queue
 from services.settings import QueueSettings
 
 # Takeover by liveness once a lease has not been renewed for 2 x 1 s.
 SETTINGS = QueueSettings(lease_seconds=10, heartbeat_seconds=1)
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(database_url)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def queued(queue: Queue, name: str) -> None:
