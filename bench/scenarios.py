@@ -613,9 +613,11 @@ async def memory(bench: Bench) -> None:
                 for n in numbers:
                     await stub.CreateGeneration(request(n, steps=150), timeout=60)
 
+            started = time.monotonic()
             async with asyncio.TaskGroup() as group:
                 for _ in range(64):
                     group.create_task(caller())
+            created = time.monotonic() - started
             queued = (await count_by_status(stub)).get(gen.GENERATION_STATUS_QUEUED, 0)
             await stub.ListGenerations(gen.ListGenerationsRequest(page_size=500), timeout=30)
             await asyncio.sleep(2)
@@ -625,6 +627,12 @@ async def memory(bench: Bench) -> None:
         "memory.generation_rss_mb", sampler.peak_mb("generation"), "MB", "<= 200", note
     )
     bench.report.add("memory.worker_rss_mb", sampler.peak_mb("worker"), "MB", "<= 200", note)
+    bench.report.add(
+        "memory.created_per_s",
+        total / created,
+        "1/s",
+        note="64 callers creating into a queue nothing drains",
+    )
 
 
 # ----- process meters -----------------------------------------------------------------------
