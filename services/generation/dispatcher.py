@@ -194,15 +194,17 @@ class Dispatcher:
             job.prompt_id = job.row["prompt_id"] or prompt_id_for(job_id)
             bound = bound.bind(prompt_id=job.prompt_id)
             if inputs is None:
-                # Two round trips on two connections at once: the input read does
-                # not depend on the DISPATCHED write, and both stand before Execute.
-                _, read = await asyncio.gather(
-                    self._write(
-                        job, self.queue.dispatched(job.fence, job.handle.name, job.prompt_id)
-                    ),
-                    self.queue.inputs(generation_id),
+                dispatched = self._write(
+                    job, self.queue.dispatched(job.fence, job.handle.name, job.prompt_id)
                 )
-                inputs = read
+                if job.row["has_inputs"]:
+                    # Two round trips on two connections at once: the input read does
+                    # not depend on the DISPATCHED write, and both stand before Execute.
+                    _, read = await asyncio.gather(dispatched, self.queue.inputs(generation_id))
+                    inputs = read
+                else:
+                    await dispatched
+                    inputs = []
             request = worker.ExecuteRequest(
                 job_id=job_id,
                 graph_json=job.row["graph"],

@@ -165,6 +165,13 @@ class NewGeneration:
     direct_to: str | None
 
 
+# A claimed row says whether it has input images, so that a job without
+# any (most) skips the read of them.
+_HAS_INPUTS = (
+    "EXISTS (SELECT 1 FROM generation_inputs i WHERE i.generation_id = g.id) AS has_inputs"
+)
+
+
 # A write of a claimed row applies only while its fence ($1 id, $2 attempt,
 # $3 owner) still holds it.
 _FENCE = "id = $1 AND attempts = $2 AND lease_owner = $3 AND status IN ('DISPATCHED', 'RUNNING')"
@@ -400,7 +407,7 @@ class Queue:
         if limit <= 0:
             return []
         rows: list[Record] = await self.pool.fetch(
-            """
+            f"""
             UPDATE generations g SET status = 'DISPATCHED', attempts = g.attempts + 1,
                 lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3)
             FROM (
@@ -408,7 +415,7 @@ class Queue:
                 ORDER BY claim_key LIMIT $1 FOR UPDATE SKIP LOCKED
             ) picked
             WHERE g.id = picked.id
-            RETURNING g.*
+            RETURNING g.*, {_HAS_INPUTS}
             """,
             limit,
             self.owner,
@@ -424,7 +431,7 @@ class Queue:
         silent_for = self.settings.lease_seconds - 2 * self.settings.heartbeat_seconds
         rows: list[Record] = await self.pool.fetch(
             _with_event(
-                """
+                f"""
                 UPDATE generations g SET attempts = g.attempts + 1, lease_owner = $2,
                     lease_expires_at = now() + make_interval(secs => $3),
                     last_event_seq = g.last_event_seq + 1
@@ -441,7 +448,7 @@ class Queue:
                     ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
                 ) expired
                 WHERE g.id = expired.id
-                RETURNING g.*
+                RETURNING g.*, {_HAS_INPUTS}
                 """,
                 "'TAKEN_OVER'",
                 "'{}'",

@@ -127,13 +127,33 @@ async def test_image_parameter_naming_a_missing_input_is_invalid(
     assert await listed(generation_service) == []
 
 
-async def test_a_real_input_image_is_accepted(generation_service: GenerationClient) -> None:
-    good = request(
-        "img2img", [gen.InputImage(name="in.png", data=png())], image="in.png", prompt="p", steps=1
-    )
-    reply = await generation_service.stub.CreateGeneration(good)
-    done = await generation_service.wait(reply.generation.id)
-    assert done.status == gen.GENERATION_STATUS_COMPLETED, done.error
+async def test_a_real_input_image_reaches_comfyui_whether_dispatched_at_once_or_queued(
+    generation_service: GenerationClient,
+) -> None:
+    sim = generation_service.simulator.sim
+    sim.set_step_seconds(0.05)
+    uploads = []
+    for n, size in enumerate((8, 9)):
+        good = request(
+            "img2img",
+            [gen.InputImage(name="in.png", data=png(size))],
+            image="in.png",
+            prompt="p",
+            steps=4,
+        )
+        reply = await generation_service.stub.CreateGeneration(good)
+        uploads.append(reply.generation)
+        if n == 0:
+            # The second waits in the queue (one slot, lookahead one, both taken by now
+            # or soon): its image is read back from PostgreSQL when it is claimed.
+            await generation_service.create("holds the lookahead", steps=4)
+    assert uploads[0].status == gen.GENERATION_STATUS_DISPATCHED
+    assert uploads[1].status == gen.GENERATION_STATUS_QUEUED
+    for created in uploads:
+        done = await generation_service.wait(created.id)
+        assert done.status == gen.GENERATION_STATUS_COMPLETED, done.error
+    stored = {p.read_bytes() for p in sim.dirs["input"].iterdir() if p.is_file()}
+    assert stored == {png(8), png(9)}
 
 
 async def test_unknown_template_is_not_found(generation_service: GenerationClient) -> None:
