@@ -359,6 +359,7 @@ async def throughput(bench: Bench) -> None:
                 for n in numbers:
                     await stub.CreateGeneration(request(n, steps=1, **SMALL), timeout=60)
 
+            commits_before = await _commits(dsn)
             cpu.start()
             started_wall, started = time.time(), time.monotonic()
             async with asyncio.TaskGroup() as group:
@@ -368,6 +369,7 @@ async def throughput(bench: Bench) -> None:
             # Coarse polling: GetStats counts the whole table, and is load of its own.
             await wait_idle(stub, timeout=1800, interval=0.5)
             spent = cpu.stop()
+            commits = await _commits(dsn) - commits_before
         connection = await asyncpg.connect(dsn)
         try:
             completed, last = await connection.fetchrow(
@@ -398,6 +400,12 @@ async def throughput(bench: Bench) -> None:
             note="all 8 together" if len(names) > 1 else "",
         )
     bench.report.add(
+        "throughput.commits_per_job",
+        commits / total,
+        "1",
+        note="PostgreSQL transactions committed in the database, per generation",
+    )
+    bench.report.add(
         "throughput.machine_cpu_pct",
         cpu.machine_busy_pct,
         "%",
@@ -418,6 +426,20 @@ async def throughput(bench: Bench) -> None:
         ">= 1.0",
         note="our completed/s over pgqueuer's no-op jobs/s",
     )
+
+
+async def _commits(dsn: str) -> int:
+    """Transactions committed in this database so far (as the statistics collector
+    has them: it reports a backend's counts at most every second)."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        await asyncio.sleep(1.1)
+        count: int = await connection.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+        return count
+    finally:
+        await connection.close()
 
 
 # ----- 4. Status fan-out ----------------------------------------------------------------------
