@@ -635,11 +635,14 @@ async def memory(bench: Bench) -> None:
                 for n in numbers:
                     await stub.CreateGeneration(request(n, steps=150), timeout=60)
 
+            cpu = CpuMeter({"generation": generation.process.pid})
+            cpu.start()
             started = time.monotonic()
             async with asyncio.TaskGroup() as group:
                 for _ in range(64):
                     group.create_task(caller())
             created = time.monotonic() - started
+            spent = cpu.stop()
             queued = (await count_by_status(stub)).get(gen.GENERATION_STATUS_QUEUED, 0)
             await stub.ListGenerations(gen.ListGenerationsRequest(page_size=500), timeout=30)
             await asyncio.sleep(2)
@@ -654,6 +657,9 @@ async def memory(bench: Bench) -> None:
         total / created,
         "1/s",
         note="64 callers creating into a queue nothing drains",
+    )
+    bench.report.add(
+        "memory.generation_cpu_ms_per_create", 1000 * spent["generation"] / total, "ms"
     )
 
 
