@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
 from asyncpg import Record
-from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.contracts import gen
@@ -29,15 +29,55 @@ def status_name(value: int) -> str:
     return gen.GenerationStatus.Name(value).removeprefix("GENERATION_STATUS_")  # type: ignore[arg-type]
 
 
-def parameters_json(template: Template, values: dict[str, Any]) -> str:
-    """The resolved values, typed as the contract carries them."""
-    return json.dumps(
-        {
-            name: json_format.MessageToDict(to_proto_value(template.parameters[name], value))
-            for name, value in values.items()
-            if name in template.parameters
-        }
-    )
+# Parameters are stored in protobuf's JSON form of ParameterValue (int64 as a
+# string, non-finite numbers by name), written and read here by hand:
+# json_format took a tenth of GenerationService's CPU per create.
+_JSON_NAMES = {
+    "string_value": "stringValue",
+    "int_value": "intValue",
+    "number_value": "numberValue",
+    "bool_value": "boolValue",
+    "image_name": "imageName",
+}
+_FIELD_NAMES = {json_name: field for field, json_name in _JSON_NAMES.items()}
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def parameters(template: Template, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The resolved values, typed as the contract carries them, as stored."""
+    stored = {}
+    for name, value in values.items():
+        if name in template.parameters:
+            stored[name] = parameter_json(to_proto_value(template.parameters[name], value))
+    return stored
+
+
+def parameter_json(message: gen.ParameterValue) -> dict[str, Any]:
+    """As json_format.MessageToDict writes it."""
+    field = message.WhichOneof("kind")
+    return {} if field is None else {_JSON_NAMES[field]: _to_json(getattr(message, field))}
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    return _NON_FINITE.get(value, value)
+
+
+def set_parameter(target: gen.ParameterValue, stored: dict[str, Any]) -> None:
+    """As json_format.ParseDict reads it."""
+    for json_name, raw in stored.items():
+        field = _FIELD_NAMES[json_name]
+        if field == "int_value":
+            target.int_value = int(raw)
+        elif field == "number_value":
+            target.number_value = float(raw)
+        else:
+            setattr(target, field, raw)
 
 
 def _timestamp(value: datetime | None) -> Timestamp | None:
@@ -81,7 +121,7 @@ def generation(row: Record, queue_position: int = 0) -> gen.Generation:
         last_event_sequence=row["last_event_seq"],
     )
     for name, value in (_json(row["parameters"]) or {}).items():
-        json_format.ParseDict(value, message.parameters[name])
+        set_parameter(message.parameters[name], value)
     for field, column in (
         ("create_time", "created_at"),
         ("start_time", "started_at"),

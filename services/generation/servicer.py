@@ -137,7 +137,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                 principal=current_principal.get(),
                 request_id=request.request_id or None,
                 template=template.name,
-                parameters=json.loads(convert.parameters_json(template, resolved.parameters)),
+                parameters=convert.parameters(template, resolved.parameters),
                 graph=json.dumps(resolved.graph),
                 checkpoint=resolved.checkpoint,
                 priority=request.priority,
