@@ -104,7 +104,7 @@ WITH place AS (
     SELECT placed.*, worker IS NOT NULL AND ahead = 0 AND unserved_before = 0 AS go
     FROM placed
 ), positioned AS (
-    SELECT id, go, CASE WHEN go THEN 0
+    SELECT id, CASE WHEN go THEN 0
         ELSE ahead + count(*) FILTER (WHERE NOT go) OVER earlier + 1 END AS queue_position
     FROM decided
     WINDOW earlier AS (ORDER BY claim_key ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
