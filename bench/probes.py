@@ -66,27 +66,40 @@ async def rpc_idle(server: str, work: Path) -> None:
 
 
 async def create_depth(server: str, work: Path) -> None:
-    """Queue.create on one connection, nothing taking work, per 1,000 queued."""
+    """Queue.create with nothing taking work, per 1,012 queued: one at a time
+    (each its own statement) and 32 at once (they share statements)."""
     bench = Bench(server, True, work, Report(quick=True))
     async with bench.database() as dsn:
         pool = await create_pool(dsn)
-        queue = Queue(pool, QueueSettings(), "probe")
-        for thousand in range(1, 11):
+        # Past the default per-caller limit: the probe's one caller goes to 10,000+.
+        queue = Queue(pool, QueueSettings(max_queued_per_principal=100_000), "probe")
+
+        async def create() -> None:
+            await queue.create(
+                principal="probe",
+                request_id=None,
+                template="t",
+                parameters={},
+                graph="{}",
+                checkpoint=None,
+                priority=0,
+                timeout_seconds=60,
+                inputs=[],
+            )
+
+        for step in range(1, 11):  # 500 + 512 creates a step
             started = time.perf_counter()
-            for _ in range(1000):
-                await queue.create(
-                    principal="probe",
-                    request_id=None,
-                    template="t",
-                    parameters={},
-                    graph="{}",
-                    checkpoint=None,
-                    priority=0,
-                    timeout_seconds=60,
-                    inputs=[],
-                )
-            per_create = (time.perf_counter() - started) / 1000 * 1000
-            print(f"{thousand * 1000:6d} queued: {per_create:.2f} ms per create")
+            for _ in range(500):
+                await create()
+            alone = (time.perf_counter() - started) / 500 * 1000
+            started = time.perf_counter()
+            for _ in range(16):
+                await asyncio.gather(*(create() for _ in range(32)))
+            together = (time.perf_counter() - started) / 512 * 1000
+            print(
+                f"{step * 1012:6d} queued: {alone:.2f} ms per create one at a time,"
+                f" {together:.2f} ms 32 at once"
+            )
         await pool.close()
 
 
