@@ -13,6 +13,7 @@ import asyncpg
 
 from services.generation.queue import _CREATE, NewGeneration, Queue
 from services.settings import QueueSettings
+from tests.fixtures.generation import queue_create
 
 SETTINGS = QueueSettings(max_queued_per_principal=5)
 
@@ -31,22 +32,6 @@ class CountingPool:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pool, name)
-
-
-async def create(queue: Queue, **values: Any) -> tuple[asyncpg.Record, bool, int]:
-    fields: dict[str, Any] = {
-        "principal": "alice",
-        "request_id": None,
-        "template": "sd15-txt2img",
-        "parameters": {},
-        "graph": "{}",
-        "checkpoint": None,
-        "priority": 0,
-        "timeout_seconds": 60,
-        "inputs": [],
-        **values,
-    }
-    return await queue.create(**fields)
 
 
 def new(principal: str = "alice", **values: Any) -> NewGeneration:
@@ -108,7 +93,7 @@ async def test_a_batch_admits_a_caller_up_to_the_limit_and_no_further(
 
 async def test_one_request_id_twice_in_a_batch_makes_one_generation(pool: asyncpg.Pool) -> None:
     queue = Queue(pool, SETTINGS, "replica-a")
-    created = await asyncio.gather(*(create(queue, request_id="same") for _ in range(6)))
+    created = await asyncio.gather(*(queue_create(queue, request_id="same") for _ in range(6)))
     assert len({row["id"] for row, _, _ in created}) == 1
     assert sorted(was_created for _, was_created, _ in created) == [False] * 5 + [True]
     assert await pool.fetchval("SELECT count(*) FROM generations") == 1
@@ -120,7 +105,7 @@ async def test_a_row_postgresql_refuses_fails_its_own_create_only(pool: asyncpg.
     # jsonb has no NUL character: PostgreSQL refuses that row, not its neighbours.
     prompts = ["fine", "\x00", "also fine"]
     results = await asyncio.gather(
-        *(create(queue, parameters={"prompt": p}) for p in prompts), return_exceptions=True
+        *(queue_create(queue, parameters={"prompt": p}) for p in prompts), return_exceptions=True
     )
     assert isinstance(results[1], asyncpg.UntranslatableCharacterError), results[1]
     assert not isinstance(results[0], BaseException) and not isinstance(results[2], BaseException)
@@ -157,6 +142,6 @@ async def test_concurrent_creates_share_statements(pool: asyncpg.Pool) -> None:
     counting = CountingPool(pool)
     settings = SETTINGS.model_copy(update={"max_queued_per_principal": 100})
     queue = Queue(counting, settings, "replica-a")  # type: ignore[arg-type]
-    created = await asyncio.gather(*(create(queue, parameters={"n": n}) for n in range(40)))
+    created = await asyncio.gather(*(queue_create(queue, parameters={"n": n}) for n in range(40)))
     assert sorted(position for _, _, position in created) == list(range(1, 41))
     assert sum(counting.batches) == 40 and len(counting.batches) < 40

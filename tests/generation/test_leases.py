@@ -13,23 +13,10 @@ import asyncpg
 from services.database import connect
 from services.generation.queue import Fence, Queue
 from services.settings import QueueSettings
+from tests.fixtures.generation import queue_create
 
 # Takeover by liveness once a lease has not been renewed for 2 x 1 s.
 SETTINGS = QueueSettings(lease_seconds=10, heartbeat_seconds=1)
-
-
-async def queued(queue: Queue, name: str) -> None:
-    await queue.create(
-        principal="alice",
-        request_id=name,
-        template="sd15-txt2img",
-        parameters={},
-        graph="{}",
-        checkpoint=None,
-        priority=0,
-        timeout_seconds=60,
-        inputs=[],
-    )
 
 
 async def last_renewed(pool: asyncpg.Pool, seconds_ago: float) -> None:
@@ -45,7 +32,7 @@ async def test_a_dead_replicas_work_is_taken_over_before_its_lease_ends(
     a, b = Queue(pool, SETTINGS, "replica-a"), Queue(pool, SETTINGS, "replica-b")
     a_session = await connect(database_url)
     assert await a.hold_liveness(a_session)
-    await queued(a, "job")
+    await queue_create(a, request_id="job")
     (claimed,) = await a.claim(1)
 
     await last_renewed(pool, seconds_ago=5)  # A stalled, but its session lives
@@ -66,7 +53,7 @@ async def test_a_replica_that_renews_keeps_its_work_without_a_session(
 ) -> None:
     # Its liveness session is gone (a database restart), but it still renews.
     a, b = Queue(pool, SETTINGS, "replica-a"), Queue(pool, SETTINGS, "replica-b")
-    await queued(a, "job")
+    await queue_create(a, request_id="job")
     await a.claim(1)
     await last_renewed(pool, seconds_ago=1)
     assert await b.take_over(1) == []
@@ -83,7 +70,7 @@ async def test_a_live_lock_is_not_enough_once_the_lease_has_expired(
     a_session = await connect(database_url)
     try:
         assert await a.hold_liveness(a_session)
-        await queued(a, "job")
+        await queue_create(a, request_id="job")
         await a.claim(1)
         await last_renewed(pool, seconds_ago=SETTINGS.lease_seconds + 1)
         assert len(await b.take_over(1)) == 1
@@ -96,7 +83,7 @@ async def test_prune_removes_finished_generations_past_retention_only(
 ) -> None:
     queue = Queue(pool, SETTINGS, "replica-a")
     for name in ("old", "recent", "waiting"):
-        await queued(queue, name)
+        await queue_create(queue, request_id=name)
     for row in await queue.claim(2):
         outputs = [{"index": 0, "path": f"/store/{row['request_id']}.png"}]
         await queue.completed(Fence(row["id"], row["attempts"], queue.owner), outputs)
@@ -120,7 +107,7 @@ async def test_progress_events_of_long_finished_generations_go_first(
     pool: asyncpg.Pool,
 ) -> None:
     queue = Queue(pool, SETTINGS, "replica-a")
-    await queued(queue, "done")
+    await queue_create(queue, request_id="done")
     (row,) = await queue.claim(1)
     fence = Fence(row["id"], row["attempts"], queue.owner)
     for step in (1, 2):
@@ -141,7 +128,7 @@ async def test_a_stale_replicas_late_writes_are_fenced_off(
     pool: asyncpg.Pool,
 ) -> None:
     a, b = Queue(pool, SETTINGS, "replica-a"), Queue(pool, SETTINGS, "replica-b")
-    await queued(a, "job")
+    await queue_create(a, request_id="job")
     (claimed,) = await a.claim(1)
     stale = Fence(claimed["id"], claimed["attempts"], a.owner)
     await a.started(stale)
