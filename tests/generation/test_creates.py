@@ -92,8 +92,10 @@ async def test_a_batch_admits_a_caller_up_to_the_limit_and_no_further(
 
 
 async def test_one_request_id_twice_in_a_batch_makes_one_generation(pool: asyncpg.Pool) -> None:
-    queue = Queue(pool, SETTINGS, "replica-a")
+    counting = CountingPool(pool)
+    queue = Queue(counting, SETTINGS, "replica-a")  # type: ignore[arg-type]
     created = await asyncio.gather(*(queue_create(queue, request_id="same") for _ in range(6)))
+    assert counting.batches == [6]  # all six in one statement
     assert len({row["id"] for row, _, _ in created}) == 1
     assert sorted(was_created for _, was_created, _ in created) == [False] * 5 + [True]
     assert await pool.fetchval("SELECT count(*) FROM generations") == 1
