@@ -40,6 +40,12 @@ JsonDict = dict[str, Any]
 HISTORY = "lockn.history"  # data: the history entry (the prompt is finished)
 LOST = "lockn.lost"  # ComfyUI knows nothing of the prompt
 EARLY_PROMPTS = 256
+# The messages the executor acts on; the rest only show that a prompt is alive.
+FOLLOWED_KINDS = frozenset({"execution_start", "progress", "executing"})
+# progress_state repeats every node's state on each change: most of a prompt's
+# frames and bytes, and nothing the executor reads. ComfyUI writes "type" first
+# (json.dumps of {"type": ..., "data": ...}), so the frame is dropped unparsed.
+UNREAD_PREFIXES = ('{"type": "progress_state"',)
 
 
 class PromptStream:
@@ -183,19 +189,30 @@ class Tracker:
             await self.reconcile_all()
             async for message in ws:
                 if message.type == aiohttp.WSMsgType.TEXT:
-                    self._route(json.loads(message.data))
+                    self.on_text(message.data)
                 elif message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     break
                 # Binary frames are previews: not our outputs, which come from /view.
+
+    def on_text(self, text: str) -> None:
+        """One text frame from ComfyUI's socket, to the stream of its prompt."""
+        if not text.startswith(UNREAD_PREFIXES):
+            self._route(json.loads(text))
 
     def _route(self, message: JsonDict) -> None:
         data = message.get("data")
         prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
         if not isinstance(prompt_id, str):
             return  # `status` and other broadcasts
+        followed = message.get("type") in FOLLOWED_KINDS
         stream = self._streams.get(prompt_id)
         if stream is not None:
-            stream.deliver(message)
+            if followed:
+                stream.deliver(message)
+            else:
+                stream.heard = time.monotonic()
+            return
+        if not followed:
             return
         self._early.setdefault(prompt_id, []).append(message)
         while len(self._early) > EARLY_PROMPTS:
