@@ -58,14 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.only or default:
             print(f"--> {name}", flush=True)
             settle()
-            started = time.monotonic()
             try:
-                asyncio.run(SCENARIOS[name](bench))
+                with report.scenario(name):
+                    asyncio.run(SCENARIOS[name](bench))
             except Exception:
                 traceback.print_exc()
                 failed.append(name)
-            report.durations[name] = time.monotonic() - started
-            print(f"    {name}: {report.durations[name]:.1f} s", flush=True)
+            print(
+                f"    {name}: {report.durations[name]:.1f} s,"
+                f" host steal {report.steal_pct[name]:.1f}%",
+                flush=True,
+            )
     report.print()
     print(f"written: {report.write(args.output) if args.output else report.write()}")
     print(f"took {time.time() - report.started:.0f} s")

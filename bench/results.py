@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -53,12 +56,28 @@ class Report:
     load_at_start: tuple[float, float, float] = field(default_factory=os.getloadavg)
     # Seconds each scenario took, by name.
     durations: dict[str, float] = field(default_factory=dict)
+    # The share of CPU time the VM's host took for others while each scenario
+    # ran (/proc/stat steal): the same code measures slower when it is high.
+    steal_pct: dict[str, float] = field(default_factory=dict)
 
     def add(self, key: str, value: float, unit: str, target: str = "", note: str = "") -> None:
         number = float(value)
         if not math.isfinite(number):
             raise ValueError(f"{key} is {number}: no figure was measured")
         self.figures.append(Figure(key, round(number, 3), unit, target, note))
+
+    @contextlib.contextmanager
+    def scenario(self, name: str) -> Iterator[None]:
+        """Time one scenario, and count the CPU the host stole meanwhile."""
+        started, before = time.monotonic(), psutil.cpu_times()
+        try:
+            yield
+        finally:
+            self.durations[name] = time.monotonic() - started
+            after = psutil.cpu_times()
+            total = sum(after) - sum(before)
+            stolen = getattr(after, "steal", 0.0) - getattr(before, "steal", 0.0)
+            self.steal_pct[name] = 100 * stolen / total if total > 0 else 0.0
 
     def missing(self) -> list[str]:
         """Required figures no scenario has added."""
@@ -84,6 +103,7 @@ class Report:
         body: dict[str, Any] = {f.key: f.value for f in self.figures}
         body["machine"] = self.machine()
         body["durations_s"] = {name: round(s, 1) for name, s in self.durations.items()}
+        body["steal_pct"] = {name: round(pct, 2) for name, pct in self.steal_pct.items()}
         body["units"] = {f.key: f.unit for f in self.figures}
         body["targets"] = {f.key: f.target for f in self.figures if f.target}
         body["notes"] = {f.key: f.note for f in self.figures if f.note}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ def test_a_complete_report_writes_every_key_as_a_number(tmp_path: Path) -> None:
     for n, key in enumerate(REQUIRED):
         report.add(key, n + 0.12345, "ms", note="a note" if n == 0 else "")
     report.add("throughput.generation_cpu_ms_per_job", 8.5, "ms")
-    report.durations["idle_gap"] = 12.34
+    with report.scenario("idle_gap"):
+        sum(range(200_000))  # some CPU time for the steal share to divide
     assert report.missing() == []
 
     body = json.loads(report.write(tmp_path / "latest.json").read_text())
@@ -31,7 +33,8 @@ def test_a_complete_report_writes_every_key_as_a_number(tmp_path: Path) -> None:
     assert body["machine"]["quick"] is True
     assert body["machine"]["cpus"] >= 1
     assert len(body["machine"]["load_average_at_start"]) == 3
-    assert body["durations_s"] == {"idle_gap": 12.3}
+    assert list(body["durations_s"]) == ["idle_gap"] and body["durations_s"]["idle_gap"] >= 0
+    assert list(body["steal_pct"]) == ["idle_gap"] and 0 <= body["steal_pct"]["idle_gap"] <= 100
     assert body["units"]["dispatch.p50_ms"] == "ms"
     assert body["notes"] == {REQUIRED[0]: "a note"}
 
@@ -55,3 +58,18 @@ def test_a_figure_that_was_not_measured_is_refused(value: float) -> None:
     with pytest.raises(ValueError, match=r"fanout\.p99_ms"):
         report.add("fanout.p99_ms", value, "ms")
     assert report.figures == []
+
+
+def test_a_scenario_records_the_share_of_cpu_time_the_host_stole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    Times = namedtuple("Times", "user system idle steal")
+    readings = iter([Times(10.0, 5.0, 80.0, 5.0), Times(40.0, 15.0, 110.0, 15.0)])
+    monkeypatch.setattr("bench.results.psutil.cpu_times", lambda: next(readings))
+    report = Report(quick=True)
+
+    with report.scenario("image"):
+        pass
+
+    # 80 s of CPU time passed, 10 of them stolen.
+    assert report.steal_pct["image"] == pytest.approx(100 * 10 / 80)
