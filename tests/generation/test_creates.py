@@ -147,3 +147,28 @@ async def test_concurrent_creates_share_statements(pool: asyncpg.Pool) -> None:
     created = await asyncio.gather(*(queue_create(queue, parameters={"n": n}) for n in range(40)))
     assert sorted(position for _, _, position in created) == list(range(1, 41))
     assert sum(counting.batches) == 40 and len(counting.batches) < 40
+
+
+async def test_the_create_statement_is_planned_once_not_on_every_create(
+    database_url: str,
+) -> None:
+    # One connection, so every create runs the same prepared statement. With
+    # the arrays as constants, PostgreSQL chose a fresh custom plan for each
+    # create once the table had statistics.
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    plans = "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1"
+    try:
+        settings = SETTINGS.model_copy(update={"max_queued_per_principal": 1000})
+        queue = Queue(pool, settings, "replica-a")
+        for n in range(300):
+            await queue.create_many([new(direct_to="gpu-1" if n % 2 else None)])
+        await pool.execute("ANALYZE generations")
+        generic_before, custom_before = await pool.fetchrow(plans, _CREATE)
+        for _ in range(30):
+            await queue.create_many([new(direct_to="gpu-1")])
+        generic, custom = await pool.fetchrow(plans, _CREATE)
+    finally:
+        await pool.close()
+    # New statistics invalidate the plan: a few custom plans before the choice again.
+    assert custom - custom_before <= 5
+    assert generic - generic_before >= 25
