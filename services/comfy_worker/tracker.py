@@ -40,8 +40,6 @@ JsonDict = dict[str, Any]
 HISTORY = "lockn.history"  # data: the history entry (the prompt is finished)
 LOST = "lockn.lost"  # ComfyUI knows nothing of the prompt
 EARLY_PROMPTS = 256
-# The messages the executor acts on; the rest only show that a prompt is alive.
-FOLLOWED_KINDS = frozenset({"execution_start", "progress", "executing"})
 # progress_state repeats every node's state on each change: most of a prompt's
 # frames and bytes, and nothing the executor reads. ComfyUI writes "type" first
 # (json.dumps of {"type": ..., "data": ...}), so the frame is dropped unparsed.
@@ -204,7 +202,7 @@ class Tracker:
         prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
         if not isinstance(prompt_id, str):
             return  # `status` and other broadcasts
-        followed = message.get("type") in FOLLOWED_KINDS
+        followed = read_by_executor(message["type"], data)
         stream = self._streams.get(prompt_id)
         if stream is not None:
             if followed:
@@ -217,3 +215,12 @@ class Tracker:
         self._early.setdefault(prompt_id, []).append(message)
         while len(self._early) > EARLY_PROMPTS:
             self._early.popitem(last=False)
+
+
+def read_by_executor(kind: Any, data: JsonDict) -> bool:
+    """The frames the executor acts on: a prompt's start, its steps and its
+    end (`executing` of no node). The others (a node starting, a node's
+    output, cached nodes...) only show that the prompt is alive."""
+    if kind == "executing":
+        return data.get("node") is None
+    return kind in ("execution_start", "progress")
