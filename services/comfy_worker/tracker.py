@@ -199,9 +199,9 @@ class Tracker:
 
     def _route(self, message: JsonDict) -> None:
         data = message.get("data")
-        prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
-        if not isinstance(prompt_id, str):
+        if not isinstance(data, dict) or not isinstance(data.get("prompt_id"), str):
             return  # `status` and other broadcasts
+        prompt_id: str = data["prompt_id"]
         followed = read_by_executor(message["type"], data)
         stream = self._streams.get(prompt_id)
         if stream is not None:
