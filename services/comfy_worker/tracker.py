@@ -202,7 +202,7 @@ class Tracker:
         if not isinstance(data, dict) or not isinstance(data.get("prompt_id"), str):
             return  # `status` and other broadcasts
         prompt_id: str = data["prompt_id"]
-        followed = read_by_executor(message["type"], data)
+        followed = read_by_executor(message.get("type"), data)
         stream = self._streams.get(prompt_id)
         if stream is not None:
             if followed:

@@ -43,11 +43,16 @@ def exchange(name: str) -> Exchange:
     )
 
 
-def websocket_frames(name: str) -> list[dict[str, Any]]:
-    """The JSON text frames the server sent, in order."""
-    frames = []
+def websocket_texts(name: str) -> list[str]:
+    """The text frames the server sent, in order, as they came on the wire."""
+    texts = []
     for line in (RECORDINGS / name).read_text().splitlines():
         entry = json.loads(line)
         if entry["dir"] == "server->client" and entry["kind"] == "text":
-            frames.append(json.loads(entry["text"]))
-    return frames
+            texts.append(entry["text"])
+    return texts
+
+
+def websocket_frames(name: str) -> list[dict[str, Any]]:
+    """The JSON text frames the server sent, in order."""
+    return [json.loads(text) for text in websocket_texts(name)]

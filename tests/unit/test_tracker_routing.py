@@ -11,13 +11,7 @@ import pytest
 
 from services.comfy_worker.comfyui import ComfyUIClient
 from services.comfy_worker.tracker import Tracker
-from tests.simulator.recordings import RECORDINGS
-
-
-def recorded_frames(name: str) -> list[str]:
-    lines = (RECORDINGS / name).read_text().splitlines()
-    frames = [json.loads(line) for line in lines]
-    return [f["text"] for f in frames if f["dir"] == "server->client" and f["kind"] == "text"]
+from tests.simulator.recordings import websocket_texts
 
 
 def prompt_of(frames: list[str]) -> str:
@@ -44,7 +38,7 @@ def tracker() -> Tracker:
 
 
 def test_a_followed_prompt_gets_its_start_steps_and_end_in_order(tracker: Tracker) -> None:
-    frames = recorded_frames("56-ws-t2i-warm.jsonl")
+    frames = websocket_texts("56-ws-t2i-warm.jsonl")
     prompt_id = prompt_of(frames)
     kinds = [json.loads(t)["type"] for t in frames]
     # The recording holds what is to be left out.
@@ -63,7 +57,7 @@ def test_a_followed_prompt_gets_its_start_steps_and_end_in_order(tracker: Tracke
 def test_progress_state_is_dropped_unparsed(
     tracker: Tracker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    frames = recorded_frames("56-ws-t2i-warm.jsonl")
+    frames = websocket_texts("56-ws-t2i-warm.jsonl")
     prompt_id = prompt_of(frames)
     parsed: list[str] = []
     real_loads = json.loads
