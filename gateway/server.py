@@ -17,7 +17,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import convert, openapi
-from services import metrics
+from services import collector, metrics
 from services.contracts import gen, gen_grpc
 from services.errors import InvalidArgument, LocknError, ResourceExhausted, from_rpc_error
 from services.grpc_server import open_channel
@@ -295,6 +295,7 @@ async def start_gateway(settings: Settings, listen: str | None = None) -> web.Ap
 async def serve(settings: Settings, args: argparse.Namespace) -> None:
     metrics.start_metrics_server(settings.gateway_metrics_port)
     runner = await start_gateway(settings)
+    collector.tune_for_service()
     log.info("gateway_ready", listen=settings.gateway_listen, upstream=settings.generation_address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,7 +12,7 @@ import contextlib
 import uuid
 from dataclasses import dataclass
 
-from services import allocator, metrics
+from services import allocator, collector, metrics
 from services.comfy_worker.comfyui import ComfyUIClient, ComfyUIUnreachable
 from services.comfy_worker.executor import Executor
 from services.comfy_worker.servicer import ComfyWorkerServicer
@@ -121,6 +121,7 @@ async def serve(settings: Settings, args: argparse.Namespace) -> None:
     allocator.reuse_large_blocks()
     metrics.start_metrics_server(settings.worker_metrics_port)
     running = await start_worker(settings)
+    collector.tune_for_service()
     log.info("worker_ready", port=running.port, comfyui=str(settings.comfyui.base_url))
     try:
         await serve_until_signalled(running.server, settings.shutdown_grace_seconds)

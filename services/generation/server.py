@@ -12,7 +12,7 @@ import contextlib
 import uuid
 from dataclasses import dataclass
 
-from services import allocator, metrics
+from services import allocator, collector, metrics
 from services.contracts import gen_grpc
 from services.database import create_pool, migrate
 from services.generation.dispatcher import Dispatcher
@@ -161,6 +161,7 @@ async def serve(settings: Settings, args: argparse.Namespace) -> None:
     allocator.reuse_large_blocks()
     metrics.start_metrics_server(settings.generation_metrics_port)
     running = await start_generation_service(settings)
+    collector.tune_for_service()
     try:
         await serve_until_signalled(running.server, settings.shutdown_grace_seconds)
     finally:
