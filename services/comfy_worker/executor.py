@@ -252,11 +252,16 @@ class Executor:
         images = output_images(entry)
         for index, image in enumerate(images):
             content_type, size, chunks = await self.client.view(image, CHUNK_BYTES)
-            offset = 0
+            # One chunk behind, so that the last one with data says it is the
+            # last: an image of one chunk (most are) is one message, not two.
+            offset, held = 0, b""
             async for data in chunks:
-                yield _chunk(prompt_id, index, image, content_type, size, offset, data)
-                offset += len(data)
-            yield _chunk(prompt_id, index, image, content_type, offset, offset, b"", last=True)
+                if held:
+                    yield _chunk(prompt_id, index, image, content_type, size, offset, held)
+                    offset += len(held)
+                held = data
+            total = offset + len(held)
+            yield _chunk(prompt_id, index, image, content_type, total, offset, held, last=True)
         yield _event(
             completed=worker.Completed(
                 prompt_id=prompt_id, output_count=len(images), cached=_all_cached(entry)

@@ -85,8 +85,9 @@ async def test_a_job_streams_accepted_started_progress_images_completed(
     ]
     (png,) = images(events).values()
     assert png.startswith(b"\x89PNG")
-    last = [e.output for e in events if e.HasField("output") and e.output.last]
-    assert last[0].size_bytes == len(png) and last[0].content_type == "image/png"
+    (chunk,) = [e.output for e in events if e.HasField("output")]  # small: one message
+    assert chunk.last and chunk.data == png
+    assert chunk.size_bytes == len(png) and chunk.content_type == "image/png"
     assert events[-1].completed.output_count == 1
     assert len(comfyui_simulator.sim.runs) == 1
 
@@ -102,6 +103,11 @@ async def test_a_large_image_streams_in_whole_chunks(
     # Every chunk but the last is whole: not whatever one socket read held.
     assert [len(c.data) for c in chunks[:-1]] == [CHUNK_BYTES] * (len(chunks) - 1)
     assert 0 < len(chunks[-1].data) <= CHUNK_BYTES
+    # The last with data says so: no empty message after it.
+    assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert [e.output.offset for e in events if e.HasField("output")] == [
+        n * CHUNK_BYTES for n in range(len(chunks))
+    ]
 
 
 async def test_a_batch_yields_every_image(comfy_worker: WorkerClient) -> None:
