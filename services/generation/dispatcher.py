@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import grpc
@@ -298,6 +299,14 @@ class Dispatcher:
 
     async def _store_chunk(self, job: Job, chunk: worker.OutputChunk) -> None:
         output = job.outputs.get(chunk.index)
+        if output is None and chunk.last:
+            # A whole image in one chunk (most are): opened, written and made
+            # durable by one thread; an open() waits behind other images'
+            # fsyncs in the file system's journal, not on the event loop.
+            final = self.store.path_for(job.row["id"], chunk.index, chunk.content_type)
+            await asyncio.to_thread(self._save_whole, job.row["id"], chunk.index, chunk.data, final)
+            _record_saved(job, chunk, final, chunk.content_type)
+            return
         if output is None:
             temp, handle = self.store.open_temp(job.row["id"], chunk.index)
             output = job.outputs[chunk.index] = _Output(temp, handle, chunk.content_type)
@@ -318,14 +327,16 @@ class Dispatcher:
             # fsync takes milliseconds per large image: not on the event loop.
             await asyncio.to_thread(self.store.commit, output.temp, output.handle, final)
             del job.outputs[chunk.index]
-            job.saved.append(
-                {
-                    "index": chunk.index,
-                    "path": str(final),
-                    "content_type": output.content_type,
-                    "size_bytes": chunk.size_bytes,
-                }
-            )
+            _record_saved(job, chunk, final, output.content_type)
+
+    def _save_whole(self, generation_id: uuid.UUID, index: int, data: bytes, final: Path) -> None:
+        temp, handle = self.store.open_temp(generation_id, index)
+        try:
+            self.store.write(handle, data)
+        except BaseException:
+            self.store.discard(temp, handle)
+            raise
+        self.store.commit(temp, handle, final)
 
     def _discard_outputs(self, job: Job) -> None:
         for output in job.outputs.values():
@@ -451,6 +462,17 @@ def _resend(sent: worker.ExecuteRequest, prompt_id: str) -> worker.ExecuteReques
     again.first_send = False
     again.comfyui_prompt_id = prompt_id
     return again
+
+
+def _record_saved(job: Job, chunk: worker.OutputChunk, final: Path, content_type: str) -> None:
+    job.saved.append(
+        {
+            "index": chunk.index,
+            "path": str(final),
+            "content_type": content_type,
+            "size_bytes": chunk.size_bytes,
+        }
+    )
 
 
 def _busy(future: asyncio.Future[None] | None) -> bool:

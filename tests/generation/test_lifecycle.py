@@ -134,6 +134,26 @@ async def test_a_flush_that_fails_fails_the_generation_and_leaves_no_file(
     assert not list(generation_service.outputs.iterdir())
 
 
+async def test_a_one_chunk_image_that_cannot_be_written_fails_and_leaves_no_file(
+    generation_service: GenerationClient,
+) -> None:
+    store = generation_service.running.dispatcher.store
+    written: list[int] = []
+
+    def full(handle: object, data: bytes) -> None:
+        written.append(len(data))
+        raise StorageFull("image store full: No space left on device")
+
+    store.write = full  # type: ignore[method-assign]
+    created = await generation_service.create(steps=1)  # a small image: one chunk
+    done = await generation_service.wait(created.id)
+
+    assert done.status == gen.GENERATION_STATUS_FAILED
+    assert done.error.reason == "STORAGE_FULL"
+    assert len(written) == 1
+    assert not list(generation_service.outputs.iterdir())  # nor its temp file
+
+
 async def test_watch_gives_the_snapshot_then_every_event_in_order(
     generation_service: GenerationClient,
 ) -> None:
