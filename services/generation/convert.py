@@ -154,18 +154,30 @@ def generation(row: Record, queue_position: int = 0) -> gen.Generation:
 # with 1,000 watchers). An event never changes once written, and
 # (generation_id, seq) names one event for good.
 EVENT_CACHE_SIZE = 1024
-_events: OrderedDict[tuple[Any, int], gen.GenerationEvent] = OrderedDict()
+_events: OrderedDict[tuple[Any, int], tuple[gen.GenerationEvent, gen.WatchGenerationResponse]] = (
+    OrderedDict()
+)
 
 
 def event(row: Record) -> gen.GenerationEvent:
     """The event as a message, shared between callers: copy it, never change it."""
+    return _cached(row)[0]
+
+
+def watch_response(row: Record) -> gen.WatchGenerationResponse:
+    """The event as WatchGeneration streams it, shared between its watchers."""
+    return _cached(row)[1]
+
+
+def _cached(row: Record) -> tuple[gen.GenerationEvent, gen.WatchGenerationResponse]:
     key = (row["generation_id"], row["seq"])
-    message = _events.get(key)
-    if message is None:
-        message = _events[key] = _event(row)
+    messages = _events.get(key)
+    if messages is None:
+        message = _event(row)
+        messages = _events[key] = (message, gen.WatchGenerationResponse(event=message))
         if len(_events) > EVENT_CACHE_SIZE:
             _events.popitem(last=False)
-    return message
+    return messages
 
 
 def _event(row: Record) -> gen.GenerationEvent:

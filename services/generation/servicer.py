@@ -256,7 +256,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         if snapshot.status in convert.TERMINAL_STATUSES and after >= row["last_event_seq"]:
             return
         async for event in self.hub.watch(generation_id, after):
-            yield gen.WatchGenerationResponse(event=convert.event(event))
+            yield convert.watch_response(event)
 
     async def WatchGenerations(
         self, request: gen.WatchGenerationsRequest, context: grpc.aio.ServicerContext

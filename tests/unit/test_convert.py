@@ -41,3 +41,24 @@ def test_a_parameter_is_stored_as_protobufs_json_mapping_and_read_back(
     json_format.ParseDict(json_format.MessageToDict(value), expected)
     assert read.WhichOneof("kind") == expected.WhichOneof("kind")
     assert str(read) == str(expected)  # NaN is not equal to itself: compare the text
+
+
+def _event_row(seq: int) -> dict[str, object]:
+    return {
+        "generation_id": "6b0f7c1e-6a3c-4b9e-9f1e-0a5b0c2d3e4f",
+        "seq": seq,
+        "type": "PROGRESS",
+        "status": "RUNNING",
+        "payload": '{"value": 3, "max": 30, "node": "3"}',
+        "created_at": None,
+    }
+
+
+def test_watchers_of_an_event_share_one_response_holding_it() -> None:
+    # 1,000 watchers of a generation get one message, not 1,000 copies.
+    first = convert.watch_response(_event_row(7))  # type: ignore[arg-type]
+    again = convert.watch_response(_event_row(7))  # type: ignore[arg-type]
+    assert again is first
+    assert first.event == convert.event(_event_row(7))  # type: ignore[arg-type]
+    assert (first.event.sequence, first.event.progress.value) == (7, 3)
+    assert convert.watch_response(_event_row(8)).event.sequence == 8  # type: ignore[arg-type]
