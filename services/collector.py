@@ -1,12 +1,13 @@
 """Python's cyclic garbage collector, tuned for services that stream events.
 
 With CPython's default threshold (700 new container objects), a burst of
-1,000 Watch deliveries (a future, a message and a few tuples each) runs the
+1,000 Watch deliveries (a future and a few small objects each) runs the
 young collection a dozen times and now and then a full one, which walks
-every object in the process: measured here, that put fan-out p99 at 80-114 ms
-against 41-54 ms with the thresholds below (BENCHMARKS.md). Reference
-counting frees almost everything these services make; the collector only
-has to find cycles, which are rare, so it can look ten times less often.
+every object in the process: measured here, that put fan-out p99 at
+117-121 ms against 41-59 ms with the thresholds below (BENCHMARKS.md).
+Reference counting frees almost everything these services make; the
+collector only has to find cycles, which are rare, so it can look ten
+times less often.
 """
 
 from __future__ import annotations

@@ -150,8 +150,9 @@ def generation(row: Record, queue_position: int = 0) -> gen.Generation:
 
 
 # Every Watch stream of a generation is handed the same event rows: each is
-# converted once, not once per watcher (40 us each: 40 ms of one core per event
-# with 1,000 watchers). An event never changes once written, and
+# converted once, with the response that carries it, not once per watcher
+# (40 us each: 40 ms of one core per event with 1,000 watchers). An event
+# never changes once written, and
 # (generation_id, seq) names one event for good.
 EVENT_CACHE_SIZE = 1024
 _events: OrderedDict[tuple[Any, int], tuple[gen.GenerationEvent, gen.WatchGenerationResponse]] = (
