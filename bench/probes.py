@@ -3,6 +3,7 @@
     python -m bench.probes rpc-idle       # a gRPC and a SQL round trip, back to back and idle
     python -m bench.probes create-depth   # PostgreSQL's cost of a create as the queue grows
     python -m bench.probes chunk-encode   # building and encoding a 1 MB image chunk message
+    python -m bench.probes notify-cost    # what a NOTIFY adds to a write's commit
 
 They are not scenarios: no target, nothing written to latest.json.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.results import Report
@@ -103,6 +106,68 @@ async def create_depth(server: str, work: Path) -> None:
         await pool.close()
 
 
+# The shape of the queue's fenced writes (queue.py): update one row, append its
+# event, and (or not) notify its id and sequence; a listener is connected, as
+# every replica's event hub is.
+_NOTIFY_SCHEMA = """
+CREATE TABLE probe_rows (id int PRIMARY KEY, graph text, seq bigint, value int);
+CREATE TABLE probe_events (id int REFERENCES probe_rows, seq bigint, payload jsonb,
+    PRIMARY KEY (id, seq));
+"""
+_NOTIFY_WRITE = """
+WITH changed AS (UPDATE probe_rows SET seq = seq + 1, value = $2 WHERE id = $1 RETURNING *),
+inserted AS (INSERT INTO probe_events SELECT id, seq, $3::jsonb FROM changed)
+SELECT changed.seq{notify} FROM changed
+"""
+NOTIFY_WRITERS = 8
+NOTIFY_WRITES = 3000
+
+
+def _postgres_cpu_s() -> float:
+    spent = 0.0
+    for process in psutil.process_iter(["name"]):
+        if "postgres" in (process.info["name"] or ""):
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                spent += times.user + times.system
+    return spent
+
+
+async def notify_cost(server: str, work: Path) -> None:
+    """The same write from 8 connections at once, with and without its NOTIFY.
+    PostgreSQL serializes the commits of notifying transactions on one lock,
+    and its CPU is read from every postgres process on the machine."""
+    bench = Bench(server, True, work, Report(quick=True))
+    async with bench.database() as dsn:
+        pool = await create_pool(dsn, min_size=NOTIFY_WRITERS, max_size=NOTIFY_WRITERS)
+        listener = await asyncpg.connect(dsn)
+        await listener.add_listener("probe", lambda *_: None)
+        await pool.execute(_NOTIFY_SCHEMA)
+        await pool.execute(
+            "INSERT INTO probe_rows SELECT n, repeat('x', 2500), 0, 0"
+            " FROM generate_series(1, $1) n",
+            NOTIFY_WRITERS,
+        )
+        notify = ", pg_notify('probe', changed.id || ':' || changed.seq)"
+        for _ in range(2):
+            for label, sql in (("with NOTIFY", notify), ("without", "")):
+                statement = _NOTIFY_WRITE.format(notify=sql)
+
+                async def writer(row: int, statement: str = statement) -> None:
+                    for n in range(NOTIFY_WRITES // NOTIFY_WRITERS):
+                        await pool.fetchval(statement, row, n, '{"value": 1}')
+
+                cpu, started = _postgres_cpu_s(), time.perf_counter()
+                await asyncio.gather(*(writer(r) for r in range(1, NOTIFY_WRITERS + 1)))
+                elapsed, spent = time.perf_counter() - started, _postgres_cpu_s() - cpu
+                print(
+                    f"{label:>11}: {NOTIFY_WRITES / elapsed:6.0f} writes/s,"
+                    f" PostgreSQL CPU {spent / NOTIFY_WRITES * 1000:.3f} ms per write"
+                )
+        await listener.close()
+        await pool.close()
+
+
 # Run in a process of its own, with and without the services' malloc tuning.
 _ENCODE = """
 import sys, timeit
@@ -138,14 +203,14 @@ def chunk_encode() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.probes")
-    parser.add_argument("probe", choices=["rpc-idle", "create-depth", "chunk-encode"])
+    probes = {"rpc-idle": rpc_idle, "create-depth": create_depth, "notify-cost": notify_cost}
+    parser.add_argument("probe", choices=[*probes, "chunk-encode"])
     args = parser.parse_args()
     if args.probe == "chunk-encode":
         chunk_encode()
         return
-    probe = rpc_idle if args.probe == "rpc-idle" else create_depth
     with postgres_server() as server, tempfile.TemporaryDirectory() as work:
-        asyncio.run(probe(server, Path(work)))
+        asyncio.run(probes[args.probe](server, Path(work)))
 
 
 if __name__ == "__main__":
