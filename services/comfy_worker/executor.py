@@ -307,11 +307,14 @@ def _point_loaders(graph: JsonDict, uploaded: Mapping[str, str]) -> JsonDict:
 
 
 def _all_cached(entry: JsonDict) -> bool:
-    prompt = entry.get("prompt") or []
-    graph = prompt[2] if len(prompt) > 2 and isinstance(prompt[2], dict) else {}
+    """Every output node came from ComfyUI's cache, so nothing ran: a node runs
+    again only when something above it changed, and so does everything below
+    it, down to the outputs. Read from the outputs, which an entry rebuilt from
+    the frames has too, rather than from the graph, which only /history's has."""
+    outputs = entry.get("outputs") or {}
     for kind, data in (entry.get("status") or {}).get("messages", []):
         if kind == "execution_cached":
-            return bool(graph) and set(data.get("nodes", [])) >= set(graph)
+            return bool(outputs) and set(data.get("nodes", [])) >= set(outputs)
     return False
 
 

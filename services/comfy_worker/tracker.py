@@ -32,6 +32,7 @@ from services.comfy_worker.comfyui import (
     Job,
     JobState,
 )
+from services.comfy_worker.witness import Witness
 from services.log import get_logger
 
 log = get_logger(component="comfyui_ws")
@@ -82,6 +83,9 @@ class Tracker:
         self._streams: dict[str, PromptStream] = {}
         # Messages for prompts not followed yet (a stream opened after POST /prompt).
         self._early: OrderedDict[str, list[JsonDict]] = OrderedDict()
+        # Which socket connection a frame came on: a run told on one is told in full.
+        self._connection = 0
+        self._witness = Witness()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -178,6 +182,7 @@ class Tracker:
     async def _connect_and_read(self) -> None:
         url = self.client.websocket_url(self.client_id)
         async with self.client.session.ws_connect(url, heartbeat=20, max_msg_size=0) as ws:
+            self._connection += 1
             self.connected.set()
             log.info("comfyui_ws_connected", client_id=self.client_id)
             # The socket drops when ComfyUI restarts, maybe as another release.
@@ -202,6 +207,10 @@ class Tracker:
         if not isinstance(data, dict) or not isinstance(data.get("prompt_id"), str):
             return  # `status` and other broadcasts
         prompt_id: str = data["prompt_id"]
+        entry = self._witness.saw(message.get("type"), prompt_id, data, self._connection)
+        if entry is not None:
+            # A run its frames told in full ends with its entry: ComfyUI is not asked.
+            message = {"type": HISTORY, "data": entry}
         followed = read_by_executor(message.get("type"), data)
         stream = self._streams.get(prompt_id)
         if stream is not None:
@@ -219,8 +228,9 @@ class Tracker:
 
 def read_by_executor(kind: Any, data: JsonDict) -> bool:
     """The frames the executor acts on: a prompt's start, its steps and its
-    end (`executing` of no node). The others (a node starting, a node's
-    output, cached nodes...) only show that the prompt is alive."""
+    end (`executing` of no node, or the entry its frames made). The others (a
+    node starting, a node's output, cached nodes...) only show that the
+    prompt is alive."""
     if kind == "executing":
         return data.get("node") is None
-    return kind in ("execution_start", "progress")
+    return kind in ("execution_start", "progress", HISTORY)

@@ -257,6 +257,19 @@ async def test_a_first_send_posts_at_once_and_a_resend_looks_first(
     assert len(comfyui_simulator.sim.runs) == 1
 
 
+async def test_a_run_its_frames_told_in_full_ends_without_asking_comfyui(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    requests = comfyui_simulator.sim.requests
+    requests.clear()
+
+    events = await run(comfy_worker, "job-told", graph(steps=2), first_send=True)
+
+    assert events[-1].HasField("completed") and len(images(events)) == 1
+    assert not [path for _, path in requests if path.startswith(("/history", "/api/"))]
+    assert [path for _, path in requests if path.startswith("/view")]
+
+
 async def test_attach_follows_a_running_prompt_to_the_end(
     comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
 ) -> None:
