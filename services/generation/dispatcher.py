@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -62,6 +62,8 @@ class Job:
     row: Record
     fence: Fence
     handle: WorkerHandle
+    # Its DISPATCHED write is done: the create or the claim made it.
+    dispatched: bool
     task: asyncio.Task[None] | None = None
     cancel_sent: bool = False
     # The id ComfyUI knows the prompt by (see _run); "" until the job starts.
@@ -129,27 +131,34 @@ class Dispatcher:
             # does not wait for a free slot: it fills the slot it really occupies.
             self._next_takeover_scan = time.monotonic() + self.settings.poll_seconds
             for row in await self.queue.take_over(TAKEOVER_BATCH):
-                self._start(row)
+                self._start(row, dispatched=False)
         while (free := self.workers.free_slots) > 0:
-            rows = await self.queue.claim(free)
+            # One worker free (the steady state: a job ended, its slot opened)
+            # leaves no choice to make, so the claim dispatches to it as well.
+            only = self.workers.sole_free()
+            rows = await self.queue.claim(free, worker=only.name if only else None)
             for row in rows:
-                self._start(row)
+                self._start(row, dispatched=only is not None)
             if len(rows) < free:
                 # The queue is empty: a row queued from now on notifies and wakes us,
                 # so a second claim now would only find nothing (and delay the
                 # dispatch write of the row just claimed).
                 return
 
-    def _start(self, row: Record) -> None:
+    def _start(self, row: Record, dispatched: bool) -> None:
         handle = self._worker_for(row)
         self.workers.acquire(handle, row["checkpoint"])
-        self._launch(row, handle, None)
+        self._launch(row, handle, None, dispatched)
 
     def _launch(
-        self, row: Record, handle: WorkerHandle, inputs: Sequence[tuple[str, bytes]] | None
+        self,
+        row: Record,
+        handle: WorkerHandle,
+        inputs: Sequence[tuple[str, bytes]] | None,
+        dispatched: bool,
     ) -> None:
         fence = Fence(row["id"], row["attempts"], self.queue.owner)
-        job = Job(row, fence, handle)
+        job = Job(row, fence, handle, dispatched)
         self.jobs[row["id"]] = job
         job.task = asyncio.create_task(self._run(job, inputs), name=f"job-{row['id']}")
 
@@ -171,7 +180,7 @@ class Dispatcher:
         self, row: Record, handle: WorkerHandle, inputs: Sequence[tuple[str, bytes]]
     ) -> None:
         """Run a generation its create dispatched to `handle` (its reserved slot)."""
-        self._launch(row, handle, inputs)
+        self._launch(row, handle, inputs, dispatched=True)
 
     def _worker_for(self, row: Record) -> WorkerHandle:
         # A taken-over job goes back to the ComfyUI that may still be running it.
@@ -184,7 +193,7 @@ class Dispatcher:
     # ----- one job -------------------------------------------------------------------
 
     async def _run(self, job: Job, inputs: Sequence[tuple[str, bytes]] | None) -> None:
-        """One job; `inputs` given: its create dispatched it already."""
+        """One job; `inputs` None: read from the queue when it has any."""
         claimed = time.monotonic()
         generation_id = job.row["id"]
         bound = log.bind(generation_id=str(generation_id), worker=job.handle.name)
@@ -194,18 +203,17 @@ class Dispatcher:
             # assigned its own: then that one, so the prompt is found again.
             job.prompt_id = job.row["prompt_id"] or prompt_id_for(job_id)
             bound = bound.bind(prompt_id=job.prompt_id)
-            if inputs is None:
-                dispatched = self._write(
-                    job, self.queue.dispatched(job.fence, job.handle.name, job.prompt_id)
-                )
-                if job.row["has_inputs"]:
-                    # Two round trips on two connections at once: the input read does
-                    # not depend on the DISPATCHED write, and both stand before Execute.
-                    _, read = await asyncio.gather(dispatched, self.queue.inputs(generation_id))
-                    inputs = read
-                else:
-                    await dispatched
-                    inputs = []
+            # Round trips on two connections at once: the input read does not
+            # depend on the write, and both stand before Execute.
+            steps: list[Awaitable[Any]] = []
+            write = self._before_execute(job)
+            if write is not None:
+                steps.append(self._write(job, write))
+            reading = inputs is None and job.row["has_inputs"]
+            if reading:
+                steps.append(self.queue.inputs(generation_id))
+            done = await asyncio.gather(*steps)
+            inputs = done[-1] if reading else inputs or []
             request = worker.ExecuteRequest(
                 job_id=job_id,
                 graph_json=job.row["graph"],
@@ -239,6 +247,15 @@ class Dispatcher:
             self._discard_outputs(job)
             self.jobs.pop(generation_id, None)
             self.workers.release(job.handle)
+
+    def _before_execute(self, job: Job) -> Awaitable[Record | None] | None:
+        """The write Execute must wait for, if the create or the claim did not make it."""
+        if not job.dispatched:
+            return self.queue.dispatched(job.fence, job.handle.name, job.prompt_id)
+        if job.row["prompt_id"] is None:
+            # Queued before creates kept prompt_ids: it shows the prompt it ran as.
+            return self.queue.prompt_assigned(job.fence, job.prompt_id)
+        return None
 
     async def _execute(self, job: Job, request: worker.ExecuteRequest, claimed: float) -> None:
         """Run the stream; when the worker vanishes, send the same job again until it's back."""

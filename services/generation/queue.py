@@ -63,7 +63,9 @@ def _with_event(changed_sql: str, type_param: str, payload_param: str) -> str:
 # A row given a free worker ($10, a slot kept for it) with nothing queued
 # ahead, in the table or in the batch, is dispatched right here (DISPATCHED,
 # leased to $14, attempt 1, with its DISPATCHED event), which saves the claim
-# and the dispatch write after it.
+# and the dispatch write after it. Every row keeps the prompt_id its prompt
+# will have in ComfyUI ($11, derived from its id), so that a claim can
+# dispatch it to a worker in one statement too.
 # $1..$11 one array per column, $12 aging, $13 the callers' limit, $14 owner,
 # $15 lease seconds, $16..$18 input images (generation id, name, data).
 # The arrays are read through a MATERIALIZED CTE so that no estimate depends
@@ -130,7 +132,7 @@ WITH arrays AS MATERIALIZED (
         CASE WHEN go THEN 'DISPATCHED' ELSE 'QUEUED' END, CASE WHEN go THEN 2 ELSE 1 END,
         CASE WHEN go THEN 1 ELSE 0 END, CASE WHEN go THEN $14 END,
         CASE WHEN go THEN now() + make_interval(secs => $15) END,
-        CASE WHEN go THEN worker END, CASE WHEN go THEN prompt_id END
+        CASE WHEN go THEN worker END, prompt_id
     FROM decided ORDER BY ord
     ON CONFLICT (principal, request_id) DO NOTHING
     RETURNING *
@@ -183,6 +185,33 @@ class NewGeneration:
 # any (most) skips the read of them.
 _HAS_INPUTS = (
     "EXISTS (SELECT 1 FROM generation_inputs i WHERE i.generation_id = g.id) AS has_inputs"
+)
+
+
+# Claims lease queued rows to this replica ($2, for $3 seconds) as a new
+# attempt, best first ($1 at most); rows another claim holds are skipped.
+_PICKED = """
+    FROM (
+        SELECT id FROM generations WHERE status = 'QUEUED'
+        ORDER BY claim_key LIMIT $1 FOR UPDATE SKIP LOCKED
+    ) picked
+    WHERE g.id = picked.id
+"""
+_LEASED = """
+    status = 'DISPATCHED', attempts = g.attempts + 1,
+    lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3)
+"""
+_CLAIM = f"UPDATE generations g SET {_LEASED} {_PICKED} RETURNING g.*, {_HAS_INPUTS}"
+# The same, and dispatched to worker $4: the DISPATCHED write folded into the
+# claim. A row created before prompt_ids were kept at create has none yet;
+# the dispatcher gives it one (`prompt_assigned`).
+_CLAIM_FOR = _with_event(
+    f"""
+    UPDATE generations g SET {_LEASED}, worker = $4, last_event_seq = g.last_event_seq + 1
+    {_PICKED} RETURNING g.*, {_HAS_INPUTS}
+    """,
+    "'DISPATCHED'",
+    "jsonb_build_object('worker', worker, 'prompt_id', prompt_id)",
 )
 
 
@@ -416,24 +445,18 @@ class Queue:
 
     # ----- dispatch ------------------------------------------------------------------
 
-    async def claim(self, limit: int) -> list[Record]:
-        """Lease up to `limit` queued rows, best first."""
+    async def claim(self, limit: int, worker: str | None = None) -> list[Record]:
+        """Lease up to `limit` queued rows, best first. With `worker` (known
+        before the rows are: the only one with free slots) they are dispatched
+        to it in the same statement, DISPATCHED events included; without, each
+        still needs its worker chosen and `dispatched` written."""
         if limit <= 0:
             return []
-        rows: list[Record] = await self.pool.fetch(
-            f"""
-            UPDATE generations g SET status = 'DISPATCHED', attempts = g.attempts + 1,
-                lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3)
-            FROM (
-                SELECT id FROM generations WHERE status = 'QUEUED'
-                ORDER BY claim_key LIMIT $1 FOR UPDATE SKIP LOCKED
-            ) picked
-            WHERE g.id = picked.id
-            RETURNING g.*, {_HAS_INPUTS}
-            """,
-            limit,
-            self.owner,
-            self.settings.lease_seconds,
+        leased = (limit, self.owner, self.settings.lease_seconds)
+        rows: list[Record] = await (
+            self.pool.fetch(_CLAIM_FOR, *leased, worker)
+            if worker
+            else self.pool.fetch(_CLAIM, *leased)
         )
         return sorted(rows, key=lambda r: r["claim_key"])
 

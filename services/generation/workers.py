@@ -101,6 +101,11 @@ class WorkerPool:
         warm = [h for h in free if checkpoint and h.last_checkpoint == checkpoint]
         return max(warm or free, key=lambda h: h.free)
 
+    def sole_free(self) -> WorkerHandle | None:
+        """The worker with free slots, when only one has any."""
+        free = [h for h in self.workers.values() if h.free > 0]
+        return free[0] if len(free) == 1 else None
+
     def acquire(self, handle: WorkerHandle, checkpoint: str | None) -> None:
         handle.in_use += 1
         if checkpoint:
