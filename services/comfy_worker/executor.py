@@ -39,6 +39,8 @@ IMAGE_LOADERS = {"LoadImage", "LoadImageMask"}
 CHUNK_BYTES = 1 << 20
 UPLOAD_NAME_MAX = 128
 MAX_ALIASES = 10_000
+# Accepted.queue_position when the caller did not ask for it (a /queue read).
+POSITION_NOT_READ = -1
 Event = worker.ExecutionEvent
 
 
@@ -100,6 +102,8 @@ class Executor:
         if accepted.prompt_id != prompt_id:
             log.warning("comfyui_assigned_prompt_id", ours=prompt_id, theirs=accepted.prompt_id)
             self._adopt(prompt_id, accepted.prompt_id)
+        if not request.report_queue_position:
+            return accepted.prompt_id, accepted.number, POSITION_NOT_READ
         return accepted.prompt_id, accepted.number, await self._position(accepted.prompt_id)
 
     async def attach(self, request: worker.AttachRequest) -> AsyncIterator[Event]:

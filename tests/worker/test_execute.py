@@ -257,6 +257,22 @@ async def test_a_first_send_posts_at_once_and_a_resend_looks_first(
     assert len(comfyui_simulator.sim.runs) == 1
 
 
+async def test_the_queue_position_of_a_new_prompt_is_read_only_when_asked_for(
+    comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
+) -> None:
+    requests = comfyui_simulator.sim.requests
+    requests.clear()
+    quiet = await run(comfy_worker, "job-quiet", graph(), first_send=True)
+    assert quiet[0].accepted.queue_position == -1 and ("GET", "/queue") not in requests
+
+    requests.clear()
+    asked = await run(
+        comfy_worker, "job-asked", graph(), first_send=True, report_queue_position=True
+    )
+    assert asked[0].accepted.queue_position == 0 and list(requests).count(("GET", "/queue")) == 1
+    assert quiet[-1].HasField("completed") and asked[-1].HasField("completed")
+
+
 async def test_a_run_its_frames_told_in_full_ends_without_asking_comfyui(
     comfy_worker: WorkerClient, comfyui_simulator: RunningSimulator
 ) -> None:
@@ -312,7 +328,9 @@ async def cancel_waiting_and_running(
     simulator.sim.set_step_seconds(0.05)
     running = asyncio.create_task(run(client, "job-running", graph(steps=100)))
     await wait_until(lambda: simulator.sim.running is not None)
-    waiting = asyncio.create_task(run(client, "job-waiting", graph(steps=101)))
+    waiting = asyncio.create_task(
+        run(client, "job-waiting", graph(steps=101), report_queue_position=True)
+    )
     await wait_until(lambda: len(simulator.sim.pending) == 1)
     await wait_until(lambda: prompt_id_for("job-waiting") in client.running.executor.in_flight)
     outcomes = [

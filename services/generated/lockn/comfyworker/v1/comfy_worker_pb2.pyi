@@ -79,6 +79,7 @@ class ExecuteRequest(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     COMFYUI_PROMPT_ID_FIELD_NUMBER: _builtins.int
     FIRST_SEND_FIELD_NUMBER: _builtins.int
+    REPORT_QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Caller's id for this attempt (generation id and attempt), bound to logs."""
     graph_json: _builtins.str
@@ -102,6 +103,10 @@ class ExecuteRequest(_message.Message):
     A caller unsure of it must leave it false: a job queued before and sent
     with this set would run twice.
     """
+    report_queue_position: _builtins.bool
+    """Fill Accepted.queue_position for a prompt queued by this Execute: one
+    /queue read more per job, which nobody needs who does not show it.
+    """
     @_builtins.property
     def input_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputImage]:
         """Uploaded to ComfyUI's input folder before the prompt is queued."""
@@ -115,10 +120,11 @@ class ExecuteRequest(_message.Message):
         timeout_seconds: _builtins.int = ...,
         comfyui_prompt_id: _builtins.str = ...,
         first_send: _builtins.bool = ...,
+        report_queue_position: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comfyui_prompt_id", b"comfyui_prompt_id", "first_send", b"first_send", "graph_json", b"graph_json", "input_images", b"input_images", "job_id", b"job_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comfyui_prompt_id", b"comfyui_prompt_id", "first_send", b"first_send", "graph_json", b"graph_json", "input_images", b"input_images", "job_id", b"job_id", "report_queue_position", b"report_queue_position", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -243,7 +249,10 @@ class Accepted(_message.Message):
     number: _builtins.int
     """ComfyUI's queue number for the prompt."""
     queue_position: _builtins.int
-    """Prompts ahead of this one in ComfyUI's queue (0: it runs next or now)."""
+    """Prompts ahead of this one in ComfyUI's queue (0: it runs next or now).
+    -1 (not read) for a prompt queued by an Execute without
+    report_queue_position; a prompt found queued already always has it.
+    """
     comfyui_prompt_id: _builtins.str
     """The id ComfyUI itself knows the prompt by: prompt_id, unless ComfyUI
     ignored it and assigned its own. Send it back as
