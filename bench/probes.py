@@ -4,6 +4,7 @@
     python -m bench.probes create-depth   # PostgreSQL's cost of a create as the queue grows
     python -m bench.probes chunk-encode   # building and encoding a 1 MB image chunk message
     python -m bench.probes notify-cost    # what a NOTIFY adds to a write's commit
+    python -m bench.probes notify-waits   # what PostgreSQL's backends wait on under throughput
 
 They are not scenarios: no target, nothing written to latest.json.
 """
@@ -25,6 +26,7 @@ import asyncpg
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import scenarios
 from bench.results import Report
 from bench.scenarios import Bench
 from services.database import create_pool
@@ -168,6 +170,48 @@ async def notify_cost(server: str, work: Path) -> None:
         await pool.close()
 
 
+# Active backends of the bench's databases and what each waits on, leaving
+# out the pgqueuer yardstick's (it runs after ours, on the same server).
+_WAITS = """
+SELECT coalesce(wait_event_type || '/' || wait_event, 'on CPU') AS waiting,
+    left(regexp_replace(query, '\\s+', ' ', 'g'), 48) AS statement
+FROM pg_stat_activity
+WHERE datname LIKE 'lockn_bench_%' AND state = 'active' AND pid <> pg_backend_pid()
+  AND query NOT ILIKE '%pgqueuer%'
+"""
+
+
+async def notify_waits(server: str, work: Path) -> None:
+    """The quick throughput scenario, sampling pg_stat_activity every 20 ms:
+    on average how many backends were running each statement, and waiting on
+    what. Lock/object is the lock notifying commits take one at a time."""
+    bench = Bench(server, True, work, Report(quick=True))
+    counts: dict[tuple[str, str], int] = {}
+    samples = 0
+    monitor = await asyncpg.connect(server)
+
+    async def sample() -> None:
+        nonlocal samples
+        while True:
+            for row in await monitor.fetch(_WAITS):
+                key = (row["waiting"], row["statement"])
+                counts[key] = counts.get(key, 0) + 1
+            samples += 1
+            await asyncio.sleep(0.02)
+
+    sampling = asyncio.create_task(sample())
+    try:
+        await scenarios.throughput(bench)
+    finally:
+        sampling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling
+        await monitor.close()
+    print(f"{samples} samples; backends on average, by what they waited on:")
+    for (waiting, statement), count in sorted(counts.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {count / samples:5.2f}  {waiting:<22} {statement}")
+
+
 # Run in a process of its own, with and without the services' malloc tuning.
 _ENCODE = """
 import sys, timeit
@@ -203,7 +247,12 @@ def chunk_encode() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.probes")
-    probes = {"rpc-idle": rpc_idle, "create-depth": create_depth, "notify-cost": notify_cost}
+    probes = {
+        "rpc-idle": rpc_idle,
+        "create-depth": create_depth,
+        "notify-cost": notify_cost,
+        "notify-waits": notify_waits,
+    }
     parser.add_argument("probe", choices=[*probes, "chunk-encode"])
     args = parser.parse_args()
     if args.probe == "chunk-encode":
