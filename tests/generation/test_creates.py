@@ -19,14 +19,16 @@ SETTINGS = QueueSettings(max_queued_per_principal=5)
 
 
 class CountingPool:
-    """The pool, counting the rows of each create statement sent through it."""
+    """The pool, counting the rows of each `statement` (a create by default)
+    sent through it."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, statement: str = _CREATE) -> None:
         self.pool = pool
+        self.statement = statement
         self.batches: list[int] = []
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        if sql == _CREATE:
+        if sql == self.statement:
             self.batches.append(len(args[0]))
         return await self.pool.fetch(sql, *args)
 
