@@ -23,12 +23,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
-import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import scenarios
 from bench.results import Report
-from bench.scenarios import Bench
+from bench.scenarios import Bench, postgres_cpu_s
 from services.database import create_pool
 from services.embedded_postgres import postgres_server
 from services.generation.queue import Queue
@@ -125,16 +124,6 @@ NOTIFY_WRITERS = 8
 NOTIFY_WRITES = 3000
 
 
-def _postgres_cpu_s() -> float:
-    spent = 0.0
-    for process in psutil.process_iter(["name"]):
-        if "postgres" in (process.info["name"] or ""):
-            with contextlib.suppress(psutil.Error):
-                times = process.cpu_times()
-                spent += times.user + times.system
-    return spent
-
-
 async def notify_cost(server: str, work: Path) -> None:
     """The same write from 8 connections at once, with and without its NOTIFY.
     PostgreSQL serializes the commits of notifying transactions on one lock,
@@ -159,9 +148,10 @@ async def notify_cost(server: str, work: Path) -> None:
                     for n in range(NOTIFY_WRITES // NOTIFY_WRITERS):
                         await pool.fetchval(statement, row, n, '{"value": 1}')
 
-                cpu, started = _postgres_cpu_s(), time.perf_counter()
+                cpu, started = sum(postgres_cpu_s().values()), time.perf_counter()
                 await asyncio.gather(*(writer(r) for r in range(1, NOTIFY_WRITERS + 1)))
-                elapsed, spent = time.perf_counter() - started, _postgres_cpu_s() - cpu
+                elapsed = time.perf_counter() - started
+                spent = sum(postgres_cpu_s().values()) - cpu
                 print(
                     f"{label:>11}: {NOTIFY_WRITES / elapsed:6.0f} writes/s,"
                     f" PostgreSQL CPU {spent / NOTIFY_WRITES * 1000:.3f} ms per write"

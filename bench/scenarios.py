@@ -387,17 +387,19 @@ async def throughput(bench: Bench) -> None:
         "1/s",
         note=f"{total} generations, {gpus} GPUs, {callers} callers",
     )
+    eight = f"all {gpus} together"
     parts = {
-        "generation": ["generation"],
-        "worker": [w.name for w in workers],
-        "simulator": [s.name for s in simulators],
+        "generation": (["generation"], ""),
+        "worker": ([w.name for w in workers], eight),
+        "simulator": ([s.name for s in simulators], eight),
+        "postgres": (["postgres"], "every postgres process on the machine"),
     }
-    for label, names in parts.items():
+    for label, (names, note) in parts.items():
         bench.report.add(
             f"throughput.{label}_cpu_ms_per_job",
             1000 * sum(spent[n] for n in names) / total,
             "ms",
-            note="all 8 together" if len(names) > 1 else "",
+            note=note,
         )
     bench.report.add(
         "throughput.commits_per_job",
@@ -717,12 +719,25 @@ class RssSampler:
         return self._peak[name] / 2**20
 
 
+def postgres_cpu_s() -> dict[int, float]:
+    """CPU seconds of each PostgreSQL process on the machine, by pid."""
+    spent = {}
+    for process in psutil.process_iter(["name"]):
+        if "postgres" in (process.info["name"] or ""):
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                spent[process.pid] = times.user + times.system
+    return spent
+
+
 class CpuMeter:
-    """CPU seconds each process spent between start() and stop(), and the machine's load."""
+    """CPU seconds each process spent between start() and stop(), PostgreSQL's
+    (every postgres process on the machine, as "postgres"), and the machine's load."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self._processes = {name: psutil.Process(pid) for name, pid in pids.items()}
         self._before: dict[str, float] = {}
+        self._postgres: dict[int, float] = {}
         self._machine: Any = None
         self._wall = 0.0
         self.machine_busy_pct = 0.0
@@ -736,17 +751,20 @@ class CpuMeter:
 
     def start(self) -> None:
         self._before = self._now()
+        self._postgres = postgres_cpu_s()
         self._machine = psutil.cpu_times()
         self._wall = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         after = self._now()
+        # A backend that exited meanwhile takes its CPU with it: a lower bound.
+        postgres = sum(t - self._postgres.get(pid, 0.0) for pid, t in postgres_cpu_s().items())
         machine = psutil.cpu_times()
         wall = time.monotonic() - self._wall
         idle = (machine.idle + machine.iowait) - (self._machine.idle + self._machine.iowait)
         cores = psutil.cpu_count() or 1
         self.machine_busy_pct = 100 * (1 - idle / (wall * cores))
-        return {name: after[name] - self._before[name] for name in after}
+        return {name: after[name] - self._before[name] for name in after} | {"postgres": postgres}
 
 
 SCENARIOS = {
