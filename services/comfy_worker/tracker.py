@@ -9,6 +9,8 @@ PollIntervalMs (queued by an earlier socket), each prompt being followed is
 reconciled with /api/jobs/{id} (on releases without it, /history/{id} and
 /queue): a prompt that finished meanwhile gets its history entry, one ComfyUI
 no longer knows (a restart lost it) is reported lost. Nothing waits forever.
+A run whose frames all came on one connection needs none of that: its end
+comes with the history entry the frames make (witness.py).
 """
 
 from __future__ import annotations
