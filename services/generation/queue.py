@@ -4,9 +4,12 @@
   statement; when a worker is free and nothing waits ahead, the same
   statement dispatches it.
 - Claims take queued rows with FOR UPDATE SKIP LOCKED in claim_key order
-  (priority with aging) and lease them to this replica.
+  (priority with aging) and lease them to this replica; a claim for the only
+  worker with free slots dispatches them to it as well.
 - Every later write is fenced: it names the attempt (the fencing token) and
   the lease owner, and changes nothing when another replica took over.
+  Concurrent creates share statements, and so do running jobs' STARTED,
+  PROGRESS and COMPLETED writes (batching.py).
 - Each change bumps last_event_seq, stores the event and NOTIFYs its id and
   sequence in the same statement; the row is the truth, the notification only
   a wake-up.
