@@ -38,6 +38,11 @@ MODEL_LOADERS = {
 # (comfy_execution/jobs.py; upstream PR #11054). Neither /features nor any
 # other route advertises the jobs API, so the version is the only signal.
 JOBS_API_SINCE = (0, 15, 0)
+# The first release whose websocket we recorded sending `executed` for cached
+# output nodes too, so that a run's frames hold all its outputs (witness.py).
+# Releases before the execution rewrite of 2024 did not; an unknown version
+# is taken for one of those.
+FRAMES_HOLD_OUTPUTS_SINCE = (0, 3, 64)
 # Statuses of a job in history; "cancelled" (an interrupted prompt) came after
 # the first jobs release, which called it "failed".
 FINISHED_STATUSES = ("completed", "failed", "cancelled")
@@ -137,7 +142,8 @@ class ComfyUIClient:
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
         self._features: JsonDict | None = None
-        self._jobs_api: bool | None = None
+        # The release /system_stats reports, (0, 0, 0) when it reports none.
+        self._version: tuple[int, ...] | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -177,20 +183,38 @@ class ComfyUIClient:
         return self._features
 
     def forget_server(self) -> None:
-        """Drop what was learnt about the server (features, jobs API): called when
+        """Drop what was learnt about the server (features, release): called when
         ComfyUI's websocket reopens, since a restart may be an upgrade or downgrade."""
         self._features = None
-        self._jobs_api = None
+        self._version = None
+
+    async def learn_version(self) -> tuple[int, ...]:
+        """The release /system_stats reports, read once (until `forget_server`)."""
+        if self._version is None:
+            stats = await self.system_stats()
+            self.know_version(str(stats.get("system", {}).get("comfyui_version", "")))
+        assert self._version is not None
+        return self._version
+
+    def know_version(self, version: str) -> None:
+        self._version = parse_version(version)
+        log.info(
+            "comfyui_version",
+            version=version,
+            jobs_api=self._version >= JOBS_API_SINCE,
+            frames_hold_outputs=self.frames_hold_outputs,
+        )
 
     async def has_jobs_api(self) -> bool:
-        """Whether this ComfyUI serves /api/jobs, from the version /system_stats
-        reports (cached until `forget_server`). An unreadable version means no."""
-        if self._jobs_api is None:
-            stats = await self.system_stats()
-            version = str(stats.get("system", {}).get("comfyui_version", ""))
-            self._jobs_api = jobs_api_in(version)
-            log.info("comfyui_jobs_api", version=version, available=self._jobs_api)
-        return self._jobs_api
+        """Whether this ComfyUI serves /api/jobs, from its release. An
+        unreadable version means no."""
+        return await self.learn_version() >= JOBS_API_SINCE
+
+    @property
+    def frames_hold_outputs(self) -> bool:
+        """Whether a run's websocket frames hold all its outputs, by the release
+        learnt last; False while none is known."""
+        return self._version is not None and self._version >= FRAMES_HOLD_OUTPUTS_SINCE
 
     async def job(self, prompt_id: str) -> Job:
         """GET /api/jobs/{id}: the prompt's state in one request (servers with the
@@ -411,11 +435,16 @@ def output_images(history: JsonDict) -> list[ImageRef]:
     return found
 
 
-def jobs_api_in(version: str) -> bool:
-    """Whether a ComfyUI reporting `version` (e.g. "0.3.64", "v0.15.0-3-gabc")
-    serves /api/jobs."""
+def parse_version(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a reported version ("0.3.64", "v0.15.0-3-gabc"),
+    (0, 0, 0) when it is none."""
     match = VERSION.match(version.strip())
-    return match is not None and tuple(map(int, match.groups())) >= JOBS_API_SINCE
+    return tuple(map(int, match.groups())) if match else (0, 0, 0)
+
+
+def jobs_api_in(version: str) -> bool:
+    """Whether a ComfyUI reporting `version` serves /api/jobs."""
+    return parse_version(version) >= JOBS_API_SINCE
 
 
 def history_entry(prompt_id: str, job: JsonDict) -> JsonDict:

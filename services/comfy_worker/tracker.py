@@ -187,8 +187,11 @@ class Tracker:
             self._connection += 1
             self.connected.set()
             log.info("comfyui_ws_connected", client_id=self.client_id)
-            # The socket drops when ComfyUI restarts, maybe as another release.
+            # The socket drops when ComfyUI restarts, maybe as another release,
+            # and what its frames hold depends on which.
             self.client.forget_server()
+            with contextlib.suppress(ComfyUIUnreachable):
+                await self.client.learn_version()
             await ws.send_json({"type": "feature_flags", "data": {}})
             # Frames of the downtime are lost: catch up on every followed prompt.
             await self.reconcile_all()
@@ -210,7 +213,7 @@ class Tracker:
             return  # `status` and other broadcasts
         prompt_id: str = data["prompt_id"]
         entry = self._witness.saw(message.get("type"), prompt_id, data, self._connection)
-        if entry is not None:
+        if entry is not None and self.client.frames_hold_outputs:
             # A run its frames told in full ends with its entry: ComfyUI is not asked.
             message = {"type": HISTORY, "data": entry}
         followed = read_by_executor(message.get("type"), data)

@@ -15,6 +15,7 @@ from services.comfy_worker.comfyui import ComfyUIClient, output_images
 from services.comfy_worker.executor import _all_cached
 from services.comfy_worker.tracker import HISTORY, Tracker
 from services.comfy_worker.witness import Witness
+from services.simulator.app import RECORDED_VERSION
 from tests.simulator.recordings import exchange, websocket_texts
 from tests.unit.test_tracker_routing import drained, prompt_of
 
@@ -27,7 +28,9 @@ RECORDED_RUNS = [
 
 @pytest.fixture
 def tracker() -> Tracker:
-    return Tracker(ComfyUIClient("http://127.0.0.1:1"))
+    client = ComfyUIClient("http://127.0.0.1:1")
+    client.know_version(RECORDED_VERSION)  # the release the recordings come from
+    return Tracker(client)
 
 
 @pytest.mark.parametrize(("frames_file", "history_file"), RECORDED_RUNS)
@@ -59,6 +62,21 @@ def test_a_failed_run_ends_as_comfyui_sent_it_so_history_is_read(tracker: Tracke
     frames = websocket_texts("26-ws-runtime-error.jsonl")
     prompt_id = prompt_of(frames)
     assert any(json.loads(t)["type"] == "execution_error" for t in frames)
+
+    end = drained(tracker, prompt_id, frames)[-1]
+
+    assert end == {"type": "executing", "data": {"node": None, "prompt_id": prompt_id}}
+
+
+@pytest.mark.parametrize("version", ["0.2.7", "", "unknown"])
+def test_a_release_older_than_the_recorded_one_is_read_from_history(
+    tracker: Tracker, version: str
+) -> None:
+    # Before ComfyUI's execution rewrite, a cached output node sent no
+    # `executed`: its frames would miss that node's images.
+    tracker.client.know_version(version)
+    frames = websocket_texts("21-ws-run-cached.jsonl")
+    prompt_id = prompt_of(frames)
 
     end = drained(tracker, prompt_id, frames)[-1]
 
