@@ -9,9 +9,7 @@ import time
 
 import pytest
 
-from services.comfy_worker.comfyui import ComfyUIClient
 from services.comfy_worker.tracker import HISTORY, Tracker
-from services.simulator.app import RECORDED_VERSION
 from tests.simulator.recordings import websocket_texts
 
 
@@ -31,13 +29,6 @@ def drained(tracker: Tracker, prompt_id: str, frames: list[str]) -> list[dict[st
         while not stream.messages.empty():
             delivered.append(stream.messages.get_nowait())
     return delivered
-
-
-@pytest.fixture
-def tracker() -> Tracker:
-    client = ComfyUIClient("http://127.0.0.1:1")
-    client.know_version(RECORDED_VERSION)  # the release the recordings come from
-    return Tracker(client)
 
 
 def test_a_followed_prompt_gets_its_start_steps_and_end_in_order(tracker: Tracker) -> None:

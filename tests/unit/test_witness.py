@@ -11,11 +11,10 @@ from typing import Any
 import pytest
 
 from services.comfy_worker import classify
-from services.comfy_worker.comfyui import ComfyUIClient, output_images
+from services.comfy_worker.comfyui import output_images
 from services.comfy_worker.executor import _all_cached
 from services.comfy_worker.tracker import HISTORY, Tracker
 from services.comfy_worker.witness import Witness
-from services.simulator.app import RECORDED_VERSION
 from tests.simulator.recordings import exchange, websocket_texts
 from tests.unit.test_tracker_routing import drained, prompt_of
 
@@ -24,13 +23,6 @@ RECORDED_RUNS = [
     ("21-ws-run-cached.jsonl", "02b-history-cached-run.http"),
     ("53-ws-t2i-cold.jsonl", "54-history-t2i-cold.http"),
 ]
-
-
-@pytest.fixture
-def tracker() -> Tracker:
-    client = ComfyUIClient("http://127.0.0.1:1")
-    client.know_version(RECORDED_VERSION)  # the release the recordings come from
-    return Tracker(client)
 
 
 @pytest.mark.parametrize(("frames_file", "history_file"), RECORDED_RUNS)
