@@ -4,7 +4,7 @@ pgqueuer with its defaults processes no-op jobs: whatever LockN Gen achieves
 end to end (two gRPC hops, a websocket, the image store) is compared with
 what a queue that does nothing else achieves on this machine.
 
-It is timed twice. First in the throughput scenario's own shape: 64 callers
+It is timed twice. First in the throughput scenario's own shape: its callers
 enqueue one job per call while a QueueManager already runs, and completed/s
 is the jobs over the time from the first enqueue to the last completion, the
 definition LockN Gen's `throughput.completed_per_s` has. Then the jobs are
@@ -28,7 +28,6 @@ from pgqueuer.models import Job
 from pgqueuer.queries import Queries
 from pgqueuer.types import QueueExecutionMode
 
-CALLERS = 64
 DEQUEUE_TIMEOUT = timedelta(seconds=0.5)
 RUN_AT_MOST_S = 600.0
 
@@ -41,10 +40,11 @@ class QueueFigures:
     drained_per_s: float
 
 
-async def measure_pgqueuer(dsn: str, jobs: int) -> QueueFigures:
+async def measure_pgqueuer(dsn: str, jobs: int, callers: int) -> QueueFigures:
+    """`jobs` enqueued by `callers` at once, one job per call, each way."""
     async with _installed(dsn) as pool:
-        enqueued_per_s, completed_per_s = await _while_running(dsn, pool, jobs)
-        drained_per_s = await _drain(dsn, pool, jobs)
+        enqueued_per_s, completed_per_s = await _while_running(dsn, pool, jobs, callers)
+        drained_per_s = await _drain(dsn, pool, jobs, callers)
     return QueueFigures(jobs, enqueued_per_s, completed_per_s, drained_per_s)
 
 
@@ -102,7 +102,9 @@ async def _enqueue(pool: asyncpg.Pool, jobs: int, callers: int) -> float:
     return time.perf_counter() - started
 
 
-async def _while_running(dsn: str, pool: asyncpg.Pool, jobs: int) -> tuple[float, float]:
+async def _while_running(
+    dsn: str, pool: asyncpg.Pool, jobs: int, callers: int
+) -> tuple[float, float]:
     """(enqueued/s, completed/s from the first enqueue to the last completion)."""
     connection = await asyncpg.connect(dsn)
     try:
@@ -110,16 +112,16 @@ async def _while_running(dsn: str, pool: asyncpg.Pool, jobs: int) -> tuple[float
         running = asyncio.create_task(consumer.run(QueueExecutionMode.continuous))
         await asyncio.sleep(0.5)  # the manager listening and polling, as our services are
         started = time.perf_counter()
-        enqueuing = await _enqueue(pool, jobs, CALLERS)
+        enqueuing = await _enqueue(pool, jobs, callers)
         await running
         return jobs / enqueuing, consumer.per_second(started)
     finally:
         await connection.close()
 
 
-async def _drain(dsn: str, pool: asyncpg.Pool, jobs: int) -> float:
+async def _drain(dsn: str, pool: asyncpg.Pool, jobs: int, callers: int) -> float:
     """Jobs/s of a QueueManager draining a queue that holds them all already."""
-    await _enqueue(pool, jobs, CALLERS)
+    await _enqueue(pool, jobs, callers)
     connection = await asyncpg.connect(dsn)
     try:
         consumer = _Counting(connection, jobs)

@@ -387,11 +387,11 @@ async def throughput(bench: Bench) -> None:
         "1/s",
         note=f"{total} generations, {gpus} GPUs, {callers} callers",
     )
-    eight = f"all {gpus} together"
+    together = f"all {gpus} together"
     parts = {
         "generation": (["generation"], ""),
-        "worker": ([w.name for w in workers], eight),
-        "simulator": ([s.name for s in simulators], eight),
+        "worker": ([w.name for w in workers], together),
+        "simulator": ([s.name for s in simulators], together),
         "postgres": (["postgres"], "every postgres process on the machine"),
     }
     for label, (names, note) in parts.items():
@@ -418,7 +418,7 @@ async def throughput(bench: Bench) -> None:
         "throughput.worker_peak_rss_mb", max(rss.peak_mb(w.name) for w in workers), "MB"
     )
     async with bench.database() as dsn:
-        reference = await measure_pgqueuer(dsn, total)
+        reference = await measure_pgqueuer(dsn, total, callers)
     bench.report.add(
         "throughput.pgqueuer_completed_per_s",
         reference.completed_per_s,

@@ -29,7 +29,7 @@ async def test_the_image_scenario_measures_its_figure(postgres_server: str, tmp_
 
 
 async def test_the_pgqueuer_yardstick_runs_every_job_both_ways(empty_database: str) -> None:
-    figures = await measure_pgqueuer(empty_database, 300)
+    figures = await measure_pgqueuer(empty_database, 300, callers=8)
 
     assert figures.jobs == 300
     assert figures.enqueued_per_s > 0
