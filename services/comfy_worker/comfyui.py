@@ -442,11 +442,6 @@ def parse_version(version: str) -> tuple[int, ...]:
     return tuple(map(int, match.groups())) if match else (0, 0, 0)
 
 
-def jobs_api_in(version: str) -> bool:
-    """Whether a ComfyUI reporting `version` serves /api/jobs."""
-    return parse_version(version) >= JOBS_API_SINCE
-
-
 def history_entry(prompt_id: str, job: JsonDict) -> JsonDict:
     """A finished job from /api/jobs/{id} in /history/{id}'s entry shape: the job
     carries the same outputs, the same status (`execution_status`) and the graph."""

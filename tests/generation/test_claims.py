@@ -111,8 +111,10 @@ async def test_with_several_workers_free_the_dispatcher_chooses_then_writes(
     done = [await service.wait(g.id) for g in made]
 
     assert [d.status for d in done] == [gen.GENERATION_STATUS_COMPLETED] * 3
-    assert calls.counts["claim"] >= 1 and calls.counts["dispatched"] >= 1
-    assert calls.counts["claim naming a worker"] == 0
+    # Claimed together while both workers had room: each got its worker after
+    # the claim. (Later claims, once a slot opens beside a full worker, may
+    # name that worker; they find the queue empty.)
+    assert calls.counts["claim"] >= 1 and calls.counts["dispatched"] == 3
     for d in done:
         assert len(await dispatched_events(service, d.id)) == 1
 

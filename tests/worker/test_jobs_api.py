@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.comfy_worker.comfyui import ComfyUIClient, ComfyUIRejected, JobState, jobs_api_in
+from services.comfy_worker.comfyui import (
+    JOBS_API_SINCE,
+    ComfyUIClient,
+    ComfyUIRejected,
+    JobState,
+    parse_version,
+)
 from services.comfy_worker.executor import prompt_id_for
 from services.contracts import worker
 from tests.fixtures.simulator import RunningSimulator, StartSimulator
@@ -47,7 +53,7 @@ def history_reads(sim: RunningSimulator) -> list[str]:
     ],
 )
 def test_the_jobs_api_is_read_from_the_version(version: str, has_it: bool) -> None:
-    assert jobs_api_in(version) is has_it
+    assert (parse_version(version) >= JOBS_API_SINCE) is has_it
 
 
 async def test_the_client_detects_the_jobs_api_once_per_server(
