@@ -5,6 +5,7 @@
     python -m bench.probes chunk-encode   # building and encoding a 1 MB image chunk message
     python -m bench.probes notify-cost    # what a NOTIFY adds to a write's commit
     python -m bench.probes notify-waits   # what PostgreSQL's backends wait on under throughput
+    python -m bench.probes count-history  # counting by status as finished history piles up
 
 They are not scenarios: no target, nothing written to latest.json.
 """
@@ -105,6 +106,46 @@ async def create_depth(server: str, work: Path) -> None:
                 f" {together:.2f} ms 32 at once"
             )
         await pool.close()
+
+
+async def count_history(server: str, work: Path) -> None:
+    """Queue.counts as the table fills with finished generations (rows as wide
+    as a real one's: the template's graph is stored with each), beside the
+    whole-table count it replaced; 300 unfinished rows throughout."""
+    bench = Bench(server, True, work, Report(quick=True))
+    async with bench.database() as dsn:
+        pool = await create_pool(dsn)
+        queue = Queue(pool, QueueSettings(), "probe")
+        graph = (Path(__file__).parent.parent / "workflows" / "sd15-txt2img.json").read_text()
+        await _add_rows(pool, 300, "QUEUED", "DISPATCHED", "RUNNING", graph=graph)
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "every row (before)": lambda: pool.fetch(
+                "SELECT status, count(*) FROM generations GROUP BY 1"
+            ),
+            "GetStats": queue.counts,
+            "queue-depth gauge": lambda: queue.counts(finished=False),
+        }
+        for finished in (20_000, 180_000):
+            await _add_rows(pool, finished, "COMPLETED", "FAILED", "CANCELLED", graph=graph)
+            await pool.execute("VACUUM ANALYZE generations")
+            total = await pool.fetchval("SELECT count(*) FROM generations")
+            for name, call in calls.items():
+                print(f"{total:7d} rows, {name}: {await _p50_ms(call, 0):.2f} ms")
+        await pool.close()
+
+
+async def _add_rows(pool: asyncpg.Pool, n: int, *statuses: str, graph: str) -> None:
+    await pool.execute(
+        "INSERT INTO generations (id, principal, template, parameters, graph, timeout_seconds,"
+        " claim_key, status, completed_at)"
+        " SELECT gen_random_uuid(), 'probe', 't', '{}', $2, 60, i, ($3::text[])[1 + i % $4],"
+        " CASE WHEN ($3::text[])[1] = 'COMPLETED' THEN now() END"
+        " FROM generate_series(1, $1) i",
+        n,
+        graph,
+        list(statuses),
+        len(statuses),
+    )
 
 
 # The shape of the queue's fenced writes (queue.py): update one row, append its
@@ -242,6 +283,7 @@ def main() -> None:
         "create-depth": create_depth,
         "notify-cost": notify_cost,
         "notify-waits": notify_waits,
+        "count-history": count_history,
     }
     parser.add_argument("probe", choices=[*probes, "chunk-encode"])
     args = parser.parse_args()

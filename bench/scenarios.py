@@ -366,7 +366,7 @@ async def throughput(bench: Bench) -> None:
                 for _ in range(callers):
                     group.create_task(caller())
             created = time.monotonic() - started
-            # Coarse polling: GetStats counts the whole table, and is load of its own.
+            # Coarse polling: GetStats counts every finished row (from an index), load of its own.
             await wait_idle(stub, timeout=1800, interval=0.5)
             spent = cpu.stop()
             commits = await _commits(dsn) - commits_before

@@ -286,6 +286,22 @@ CHANGE_BATCH_ROWS = 64
 CHANGES_IN_FLIGHT = 2
 
 
+# Generations by status, each part answered from a partial index, never by
+# reading the whole table: counting every row grew with the history kept
+# (120 ms at 200,000 finished, every 5 s for the queue-depth gauge).
+_COUNTS = """
+    SELECT 'QUEUED' AS status, count(*) AS n FROM generations WHERE status = 'QUEUED'
+    UNION ALL
+    SELECT status, count(*) FROM generations WHERE status IN ('DISPATCHED', 'RUNNING')
+    GROUP BY 1
+"""
+_FINISHED_COUNTS = """
+    UNION ALL
+    SELECT status, count(*) FROM generations
+    WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED') GROUP BY 1
+"""
+
+
 # Finished generations keep their progress events this long (the rest: retention).
 PROGRESS_RETENTION_SECONDS = 3600.0
 # Advisory-lock class of the replicas' liveness locks (key 2: hashtext(owner)).
@@ -499,9 +515,12 @@ class Queue:
         )
         return [(r["name"], bytes(r["data"])) for r in rows]
 
-    async def counts(self) -> dict[str, int]:
-        rows = await self.pool.fetch("SELECT status, count(*) AS n FROM generations GROUP BY 1")
-        return {r["status"]: r["n"] for r in rows}
+    async def counts(self, *, finished: bool = True) -> dict[str, int]:
+        """Generations by status, statuses with none left out. Unfinished
+        ones cost what there are of them; `finished` adds a scan of the
+        finished rows' index, which grows with the history kept."""
+        rows = await self.pool.fetch(_COUNTS + (_FINISHED_COUNTS if finished else ""))
+        return {r["status"]: r["n"] for r in rows if r["n"]}
 
     # ----- dispatch ------------------------------------------------------------------
 

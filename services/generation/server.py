@@ -151,8 +151,9 @@ async def _reload_templates(library: TemplateLibrary) -> None:
 async def _count_queue(queue: Queue) -> None:
     while True:
         with contextlib.suppress(Exception):
-            counts = await queue.counts()
-            for status in ("QUEUED", "DISPATCHED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"):
+            # Unfinished only: what finished is counted by lockn_generations_total.
+            counts = await queue.counts(finished=False)
+            for status in ("QUEUED", "DISPATCHED", "RUNNING"):
                 metrics.QUEUE_DEPTH.labels(status=status).set(counts.get(status, 0))
         await asyncio.sleep(5)
 
