@@ -590,15 +590,29 @@ class Queue:
         return held
 
     async def heartbeat(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        """Renew this replica's leases in one statement; returns the ones still held."""
+        """Renew this replica's leases in one statement; returns the ones still held.
+
+        A row another statement is writing right now is held (as the table
+        has it) but left for the next heartbeat, never waited for: waiting,
+        the heartbeat deadlocked with the batched writes of running jobs,
+        which lock their rows in another order (a second's stall and a
+        batch retried row by row, 7 times in one throughput run). A lease
+        outlives several heartbeats."""
         if not ids:
             return set()
         rows = await self.pool.fetch(
             """
-            UPDATE generations SET lease_expires_at = now() + make_interval(secs => $3)
+            WITH renewed AS (
+                UPDATE generations SET lease_expires_at = now() + make_interval(secs => $3)
+                WHERE id IN (
+                    SELECT id FROM generations
+                    WHERE id = ANY($2::uuid[]) AND lease_owner = $1
+                      AND status IN ('DISPATCHED', 'RUNNING')
+                    FOR UPDATE SKIP LOCKED)
+            )
+            SELECT id FROM generations
             WHERE id = ANY($2::uuid[]) AND lease_owner = $1
               AND status IN ('DISPATCHED', 'RUNNING')
-            RETURNING id
             """,
             self.owner,
             list(ids),

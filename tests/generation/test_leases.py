@@ -6,6 +6,7 @@ generations."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import asyncpg
@@ -122,6 +123,31 @@ async def test_progress_events_of_long_finished_generations_go_first(
     await pool.execute("UPDATE generations SET completed_at = now() - interval '2 hours'")
     await queue.prune(retention_hours=24)
     assert [r["type"] for r in await pool.fetch(kinds)] == ["CREATED", "COMPLETED"]
+
+
+async def test_a_heartbeat_renews_around_a_row_being_written_instead_of_waiting(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    a = Queue(pool, SETTINGS, "replica-a")
+    for name in ("busy", "free"):
+        await queue_create(a, request_id=name)
+    busy, free = await a.claim(2)
+    await last_renewed(pool, seconds_ago=5)
+    writer = await connect(database_url)
+    try:
+        async with writer.transaction():  # another write of A's, in flight
+            await writer.execute("SELECT 1 FROM generations WHERE id = $1 FOR UPDATE", busy["id"])
+            # Waiting here is how the heartbeat deadlocked with batched writes.
+            held = await asyncio.wait_for(a.heartbeat([busy["id"], free["id"]]), 5)
+    finally:
+        await writer.close()
+
+    assert held == {busy["id"], free["id"]}
+    left = dict(
+        await pool.fetch("SELECT id, extract(epoch FROM lease_expires_at - now()) FROM generations")
+    )
+    assert left[free["id"]] > SETTINGS.lease_seconds - 1
+    assert left[busy["id"]] < SETTINGS.lease_seconds - 4  # renewed by the next heartbeat
 
 
 async def test_a_stale_replicas_late_writes_are_fenced_off(
