@@ -1,0 +1,80 @@
+"""The batched writes keep one generic plan: PostgreSQL plans a prepared
+statement anew each time while its custom plans look cheaper than the
+generic one, and for these statements planning cost more than running
+them. Arrays read through a MATERIALIZED CTE cost the same either way."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from services.database import create_pool
+from services.generation.queue import Fence, NewGeneration, Queue, RunningChange
+from services.settings import QueueSettings
+
+# PostgreSQL tries five custom plans before it weighs the generic one.
+RUNS = 10
+# Batches of a few rows, as under load (a single row planned generically anyway).
+ROWS = 3
+
+
+async def plans_of(pool: asyncpg.Pool, marker: str) -> tuple[int, int]:
+    """(generic, custom) plans of the connection's prepared statement containing `marker`."""
+    row = await pool.fetchrow(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+        " WHERE strpos(statement, $1) > 0",
+        marker,
+    )
+    assert row is not None, f"no prepared statement contains {marker!r}"
+    return row["generic_plans"], row["custom_plans"]
+
+
+async def test_creates_and_running_changes_are_not_planned_on_every_batch(
+    database_url: str,
+) -> None:
+    # One connection: prepared statements and their counts are per connection.
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+        queue = Queue(pool, QueueSettings(), "replica-a")
+        # Plans are costed against the table: a near-empty one makes every plan cheap.
+        await pool.execute(
+            "INSERT INTO generations (id, principal, template, parameters, graph,"
+            " timeout_seconds, status, lease_owner, attempts)"
+            " SELECT gen_random_uuid(), 'alice', 't', '{}', '{}', 60, 'RUNNING', 'replica-a', 1"
+            " FROM generate_series(1, 3000)"
+        )
+        await pool.execute("ANALYZE generations")
+        for n in range(RUNS):
+            await queue.create_many([new_generation() for _ in range(ROWS)])
+            # Fenced off (no such rows): it changes nothing, but is planned the same.
+            await queue.running_many([progress(n) for _ in range(ROWS)])
+
+        for marker in ("input_ids", "b(id, attempt, owner"):  # _CREATE, _RUNNING_CHANGES
+            generic, custom = await plans_of(pool, marker)
+            assert generic + custom == RUNS
+            assert custom <= 5 and generic >= RUNS - 5, (marker, generic, custom)
+    finally:
+        await pool.close()
+
+
+def new_generation() -> NewGeneration:
+    return NewGeneration(
+        id=uuid.uuid4(),
+        principal="alice",
+        request_id=None,
+        template="sd15-txt2img",
+        parameters="{}",
+        graph="{}",
+        checkpoint=None,
+        priority=0,
+        timeout_seconds=60,
+        inputs=(),
+        direct_to=None,
+    )
+
+
+def progress(value: int) -> RunningChange:
+    return RunningChange(
+        Fence(uuid.uuid4(), 1, "replica-a"), "PROGRESS", "{}", value=value, top=RUNS, node="3"
+    )
