@@ -235,8 +235,8 @@ class Fence:
 
 @dataclass(frozen=True)
 class RunningChange:
-    """A running job's STARTED, PROGRESS or COMPLETED, fenced, with its event
-    payload and the columns its kind sets."""
+    """A claimed job's DISPATCHED, STARTED, PROGRESS or COMPLETED, fenced, with
+    its event payload and the columns its kind sets."""
 
     fence: Fence
     kind: str
@@ -245,26 +245,32 @@ class RunningChange:
     top: int | None = None
     node: str | None = None
     outputs: str | None = None
+    worker: str | None = None
+    prompt_id: str | None = None
 
 
-# The running jobs' STARTED, PROGRESS and COMPLETED writes, several jobs' in
-# one statement: jobs' changes that arrive while earlier ones are written
+# The claimed jobs' DISPATCHED (when the dispatcher chose the worker after
+# the claim), STARTED, PROGRESS and COMPLETED writes, several jobs' in one
+# statement: jobs' changes that arrive while earlier ones are written
 # share the next one (group commit, as creates do), so a busy replica pays
 # one round trip, one commit and one turn at the lock PostgreSQL's notifying
 # commits take one at a time, for all of them. Each row is still fenced on
 # its own (id, attempt, owner) and gets its own event; a job has at most one
 # change in flight, so no row appears twice in a batch.
 # $1..$3 the fences, $4 kinds, $5 event payloads, $6..$8 progress (value,
-# max, node), $9 outputs. The arrays are read through a MATERIALIZED CTE, as
-# _CREATE's are and for the same reason: unnested straight from the
-# parameters, PostgreSQL planned the statement anew on every batch (0.35-0.6
-# ms by EXPLAIN ANALYZE, more than running it).
+# max, node), $9 outputs, $10 workers, $11 prompt ids. The arrays are read
+# through a MATERIALIZED CTE, as _CREATE's are and for the same reason:
+# unnested straight from the parameters, PostgreSQL planned the statement
+# anew on every batch (0.35-0.6 ms by EXPLAIN ANALYZE, more than running it).
 _RUNNING_CHANGES = _with_event(
     """
     UPDATE generations g SET
-        status = CASE b.kind WHEN 'COMPLETED' THEN 'COMPLETED' ELSE 'RUNNING' END,
-        started_at = CASE b.kind WHEN 'COMPLETED' THEN g.started_at
+        status = CASE b.kind WHEN 'COMPLETED' THEN 'COMPLETED' WHEN 'DISPATCHED' THEN g.status
+            ELSE 'RUNNING' END,
+        started_at = CASE WHEN b.kind IN ('COMPLETED', 'DISPATCHED') THEN g.started_at
             ELSE coalesce(g.started_at, now()) END,
+        worker = CASE b.kind WHEN 'DISPATCHED' THEN b.worker ELSE g.worker END,
+        prompt_id = CASE b.kind WHEN 'DISPATCHED' THEN b.prompt_id ELSE g.prompt_id END,
         progress_value = CASE b.kind WHEN 'PROGRESS' THEN b.value ELSE g.progress_value END,
         progress_max = CASE b.kind WHEN 'PROGRESS' THEN b.top ELSE g.progress_max END,
         progress_node = CASE b.kind WHEN 'PROGRESS' THEN b.node ELSE g.progress_node END,
@@ -277,8 +283,9 @@ _RUNNING_CHANGES = _with_event(
             ELSE g.duration_ms END,
         last_event_seq = g.last_event_seq + 1
     FROM arrays, unnest(arrays.ids, arrays.attempts, arrays.owners, arrays.kinds,
-            arrays.payloads, arrays.vals, arrays.tops, arrays.nodes, arrays.outputs)
-        AS b(id, attempt, owner, kind, payload, value, top, node, outputs)
+            arrays.payloads, arrays.vals, arrays.tops, arrays.nodes, arrays.outputs,
+            arrays.workers, arrays.prompt_ids)
+        AS b(id, attempt, owner, kind, payload, value, top, node, outputs, worker, prompt_id)
     WHERE g.id = b.id AND g.attempts = b.attempt AND g.lease_owner = b.owner
       AND g.status IN ('DISPATCHED', 'RUNNING')
     RETURNING g.*, b.kind, b.payload
@@ -288,7 +295,8 @@ _RUNNING_CHANGES = _with_event(
     inputs="""arrays AS MATERIALIZED (
         SELECT $1::uuid[] AS ids, $2::int[] AS attempts, $3::text[] AS owners,
             $4::text[] AS kinds, $5::text[] AS payloads, $6::int[] AS vals, $7::int[] AS tops,
-            $8::text[] AS nodes, $9::text[] AS outputs
+            $8::text[] AS nodes, $9::text[] AS outputs, $10::text[] AS workers,
+            $11::text[] AS prompt_ids
     )""",
 )
 CHANGE_BATCH_ROWS = 64
@@ -651,13 +659,9 @@ class Queue:
         return row
 
     async def dispatched(self, fence: Fence, worker: str, prompt_id: str) -> Record | None:
-        return await self._fenced(
-            fence,
-            "worker = $5, prompt_id = $6",
-            "DISPATCHED",
-            {"worker": worker, "prompt_id": prompt_id},
-            worker,
-            prompt_id,
+        payload = json.dumps({"worker": worker, "prompt_id": prompt_id})
+        return await self._running.submit(
+            RunningChange(fence, "DISPATCHED", payload, worker=worker, prompt_id=prompt_id)
         )
 
     async def prompt_assigned(self, fence: Fence, prompt_id: str) -> Record | None:
@@ -701,6 +705,8 @@ class Queue:
             [c.top for c in batch],
             [c.node for c in batch],
             [c.outputs for c in batch],
+            [c.worker for c in batch],
+            [c.prompt_id for c in batch],
         )
         # Keyed by attempt too: a job taken over may still send its last write
         # beside the current attempt's, and only the current one's holds.

@@ -11,6 +11,7 @@ import json
 
 import asyncpg
 
+from services.comfy_worker.executor import prompt_id_for
 from services.generation.queue import _RUNNING_CHANGES, Fence, Queue
 from services.settings import QueueSettings
 from tests.fixtures.generation import queue_create
@@ -78,6 +79,35 @@ async def test_each_kind_in_a_batch_sets_its_own_columns_and_event(pool: asyncpg
     assert started["status"] == "RUNNING" and started["started_at"] is not None
     assert started["progress_value"] is None
     assert (await events_of(pool, starting))[-1] == ("STARTED", {})
+
+
+async def test_a_dispatch_chosen_after_the_claim_shares_the_batch_and_starts_nothing(
+    pool: asyncpg.Pool,
+) -> None:
+    counting = CountingPool(pool, _RUNNING_CHANGES)
+    queue = Queue(counting, QueueSettings(), "replica-a")  # type: ignore[arg-type]
+    choosing, running = await claimed(queue, 2)
+    await queue.started(running)
+
+    dispatched, stepped = await asyncio.gather(
+        queue.dispatched(choosing, "gpu1", "prompt-1"), queue.progress(running, 1, 2, "3")
+    )
+
+    assert counting.batches[-1] == 2
+    assert dispatched is not None and stepped is not None
+    assert (dispatched["status"], dispatched["worker"], dispatched["prompt_id"]) == (
+        "DISPATCHED",
+        "gpu1",
+        "prompt-1",
+    )
+    assert dispatched["started_at"] is None and dispatched["progress_value"] is None
+    assert dispatched["lease_owner"] == "replica-a" and dispatched["last_event_seq"] == 2
+    assert (await events_of(pool, choosing))[-1] == (
+        "DISPATCHED",
+        {"worker": "gpu1", "prompt_id": "prompt-1"},
+    )
+    # Another kind keeps what the claim and the create gave the row.
+    assert stepped["worker"] is None and stepped["prompt_id"] == prompt_id_for(str(running.id))
 
 
 async def test_a_stale_fence_in_a_batch_changes_nothing_of_its_own(
