@@ -1,7 +1,8 @@
-"""The batched writes keep one generic plan: PostgreSQL plans a prepared
-statement anew each time while its custom plans look cheaper than the
-generic one, and for these statements planning cost more than running
-them. Arrays read through a MATERIALIZED CTE cost the same either way."""
+"""The batched writes and the claims keep one generic plan: PostgreSQL
+plans a prepared statement anew each time while its custom plans look
+cheaper than the generic one, and for these statements planning cost about
+as much as running them, or more. Arrays read through a MATERIALIZED CTE,
+and a claim's limit written into its text, cost the same either way."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ async def plans_of(pool: asyncpg.Pool, marker: str) -> tuple[int, int]:
     return row["generic_plans"], row["custom_plans"]
 
 
-async def test_creates_and_running_changes_are_not_planned_on_every_batch(
+async def test_creates_running_changes_and_claims_are_not_planned_every_time(
     database_url: str,
 ) -> None:
     # One connection: prepared statements and their counts are per connection.
@@ -41,16 +42,19 @@ async def test_creates_and_running_changes_are_not_planned_on_every_batch(
         await pool.execute(
             "INSERT INTO generations (id, principal, template, parameters, graph,"
             " timeout_seconds, status, lease_owner, attempts)"
-            " SELECT gen_random_uuid(), 'alice', 't', '{}', '{}', 60, 'RUNNING', 'replica-a', 1"
-            " FROM generate_series(1, 3000)"
+            " SELECT gen_random_uuid(), 'alice', 't', '{}', '{}', 60,"
+            " (ARRAY['RUNNING', 'QUEUED'])[1 + i % 2], 'replica-a', 1"
+            " FROM generate_series(1, 6000) i"
         )
         await pool.execute("ANALYZE generations")
         for n in range(RUNS):
             await queue.create_many([new_generation() for _ in range(ROWS)])
             # Fenced off (no such rows): it changes nothing, but is planned the same.
             await queue.running_many([progress(n) for _ in range(ROWS)])
+            assert len(await queue.claim(2)) == 2
 
-        for marker in ("input_ids", "b(id, attempt, owner"):  # _CREATE, _RUNNING_CHANGES
+        # _CREATE, _RUNNING_CHANGES, _CLAIM
+        for marker in ("input_ids", "b(id, attempt, owner", "ORDER BY claim_key LIMIT"):
             generic, custom = await plans_of(pool, marker)
             assert generic + custom == RUNS
             assert custom <= 5 and generic >= RUNS - 5, (marker, generic, custom)
