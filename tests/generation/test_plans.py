@@ -11,8 +11,9 @@ import uuid
 import asyncpg
 
 from services.database import create_pool
-from services.generation.queue import Fence, NewGeneration, Queue, RunningChange
+from services.generation.queue import Fence, Queue, RunningChange
 from services.settings import QueueSettings
+from tests.generation.test_creates import new
 
 # PostgreSQL tries five custom plans before it weighs the generic one.
 RUNS = 10
@@ -48,7 +49,7 @@ async def test_creates_running_changes_and_claims_are_not_planned_every_time(
         )
         await pool.execute("ANALYZE generations")
         for n in range(RUNS):
-            await queue.create_many([new_generation() for _ in range(ROWS)])
+            await queue.create_many([new() for _ in range(ROWS)])
             # Fenced off (no such rows): it changes nothing, but is planned the same.
             await queue.running_many([progress(n) for _ in range(ROWS)])
             assert len(await queue.claim(2)) == 2
@@ -60,22 +61,6 @@ async def test_creates_running_changes_and_claims_are_not_planned_every_time(
             assert custom <= 5 and generic >= RUNS - 5, (marker, generic, custom)
     finally:
         await pool.close()
-
-
-def new_generation() -> NewGeneration:
-    return NewGeneration(
-        id=uuid.uuid4(),
-        principal="alice",
-        request_id=None,
-        template="sd15-txt2img",
-        parameters="{}",
-        graph="{}",
-        checkpoint=None,
-        priority=0,
-        timeout_seconds=60,
-        inputs=(),
-        direct_to=None,
-    )
 
 
 def progress(value: int) -> RunningChange:
