@@ -4,10 +4,18 @@ and the versioned migrations.
 Migrations are the numbered `.sql` files in `services/migrations/`, applied in
 order, each in its own transaction, under an advisory lock so that replicas
 starting together apply each exactly once.
+
+A file whose first line is `-- lockn: no-transaction` runs outside a
+transaction instead, one statement at a time, so that it can build and drop
+indexes CONCURRENTLY without blocking the running services' writes. Its
+statements each end with `;` at the end of a line, and every one of them
+must be safe to run again: a crash between two statements runs the file
+again from the top.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,8 @@ from services.log import get_logger
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Any fixed number works; it only has to be the same in every replica.
 MIGRATION_LOCK = 0x10C4_6E00
+NO_TRANSACTION = "-- lockn: no-transaction"
+LOCK_POLL_S = 0.1
 
 log = get_logger(component="database")
 
@@ -65,35 +75,46 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
-def migration_files() -> list[tuple[str, Path]]:
+def migration_files(directory: Path = MIGRATIONS) -> list[tuple[str, Path]]:
     found = []
-    for path in sorted(MIGRATIONS.glob("*.sql")):
+    for path in sorted(directory.glob("*.sql")):
         match = re.match(r"(\d{4})_", path.name)
         if match:
             found.append((path.stem, path))
     return found
 
 
-async def migrate(dsn: str) -> list[str]:
+def statements(sql: str) -> list[str]:
+    """A no-transaction file's statements, split where a line ends with `;`."""
+    found, current = [], []
+    for line in sql.splitlines():
+        if line.lstrip().startswith("--"):
+            continue
+        current.append(line)
+        if line.rstrip().endswith(";"):
+            found.append("\n".join(current).strip())
+            current = []
+    if "\n".join(current).strip():
+        raise ValueError("a no-transaction migration's last statement does not end with ';'")
+    return found
+
+
+async def migrate(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
     """Apply every migration not yet applied; returns the ones applied now."""
     conn = await connect(dsn)
     applied_now: list[str] = []
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        await _take_migration_lock(conn)
         try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-            for version, path in migration_files():
+            for version, path in migration_files(directory):
                 if version in done:
                     continue
-                async with conn.transaction():
-                    await conn.execute(path.read_text())
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
-                    )
+                await _apply(conn, version, path.read_text())
                 applied_now.append(version)
                 log.info("migration_applied", version=version)
         finally:
@@ -101,3 +122,25 @@ async def migrate(dsn: str) -> list[str]:
     finally:
         await conn.close()
     return applied_now
+
+
+async def _take_migration_lock(conn: asyncpg.Connection) -> None:
+    """Polls rather than waits in pg_advisory_lock: a replica waiting inside a
+    statement holds a snapshot, which a CREATE INDEX CONCURRENTLY in the
+    replica migrating waits for, and PostgreSQL ends that deadlock by failing
+    one of the two."""
+    # The lock is PostgreSQL's: nothing in this process could signal its release.
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):  # noqa: ASYNC110
+        await asyncio.sleep(LOCK_POLL_S)
+
+
+async def _apply(conn: asyncpg.Connection, version: str, sql: str) -> None:
+    record = "INSERT INTO schema_migrations (version) VALUES ($1)"
+    if sql.startswith(NO_TRANSACTION):
+        for statement in statements(sql):
+            await conn.execute(statement)
+        await conn.execute(record, version)
+        return
+    async with conn.transaction():
+        await conn.execute(sql)
+        await conn.execute(record, version)
