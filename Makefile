@@ -50,7 +50,7 @@ lint: $(STAMP) $(BUF) proto-check
 		$(BUF) breaking --against '.git#ref=HEAD~1'; fi
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy services gateway
+	$(PY) -m mypy services gateway tests bench
 
 fmt: $(STAMP)
 	$(PY) -m ruff check --fix .

@@ -70,7 +70,7 @@ async def run_baseline(
 
 
 def _with_seed(graph: dict[str, Any], seed: int) -> dict[str, Any]:
-    copy = json.loads(json.dumps(graph))
+    copy: dict[str, Any] = json.loads(json.dumps(graph))
     for node in copy.values():
         if "seed" in node.get("inputs", {}):
             node["inputs"]["seed"] = 1000 + seed

@@ -110,7 +110,7 @@ async def test_bad_create_is_invalid_argument_naming_the_field_and_stores_nothin
 ) -> None:
     code, error = await rpc_error(generation_service.stub.CreateGeneration(bad))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, error
-    assert field in fields(error), error.violations
+    assert field in fields(error), error
     assert error.reason == "INVALID_ARGUMENT"
     assert await listed(generation_service) == []
     assert generation_service.simulator.sim.runs == []
@@ -122,7 +122,7 @@ async def test_image_parameter_naming_a_missing_input_is_invalid(
     bad = request("img2img", image="missing.png", prompt="p")
     code, error = await rpc_error(generation_service.stub.CreateGeneration(bad))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert fields(error) == ["parameters"]
+    assert isinstance(error, InvalidArgument) and fields(error) == ["parameters"]
     assert "missing.png" in error.violations[0][1]
     assert await listed(generation_service) == []
 
@@ -198,8 +198,8 @@ async def test_ids_that_are_not_uuids_are_invalid_everywhere(
         (gen.ListGenerationsRequest(page_token="garbage!!"), "page_token"),
         (gen.ListGenerationsRequest(page_token="WyJ4IiwgInkiXQ"), "page_token"),  # ["x", "y"]
         (gen.ListGenerationsRequest(page_size=-1), "page_size"),
-        (gen.ListGenerationsRequest(statuses=[0]), "statuses[0]"),
-        (gen.ListGenerationsRequest(statuses=[99]), "statuses[0]"),
+        (gen.ListGenerationsRequest(statuses=[gen.GenerationStatus.ValueType(0)]), "statuses[0]"),
+        (gen.ListGenerationsRequest(statuses=[gen.GenerationStatus.ValueType(99)]), "statuses[0]"),
     ],
 )
 async def test_bad_list_requests_are_invalid(

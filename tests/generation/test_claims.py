@@ -62,8 +62,9 @@ class Calls:
             self.counts["dispatched"] += 1
             return await dispatched(*args)
 
-        queue.claim = counted_claim
-        queue.dispatched = counted_dispatched
+        # Spies on the real methods: the queue under test is the one the service uses.
+        queue.claim = counted_claim  # type: ignore[method-assign]
+        queue.dispatched = counted_dispatched  # type: ignore[method-assign,assignment]
 
 
 async def dispatched_events(service: GenerationClient, generation_id: str) -> list[Any]:

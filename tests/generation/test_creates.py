@@ -30,7 +30,8 @@ class CountingPool:
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         if sql == self.statement:
             self.batches.append(len(args[0]))
-        return await self.pool.fetch(sql, *args)
+        rows: list[asyncpg.Record] = await self.pool.fetch(sql, *args)
+        return rows
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pool, name)
@@ -95,7 +96,7 @@ async def test_a_batch_admits_a_caller_up_to_the_limit_and_no_further(
 
 async def test_one_request_id_twice_in_a_batch_makes_one_generation(pool: asyncpg.Pool) -> None:
     counting = CountingPool(pool)
-    queue = Queue(counting, SETTINGS, "replica-a")  # type: ignore[arg-type]
+    queue = Queue(counting, SETTINGS, "replica-a")
     created = await asyncio.gather(*(queue_create(queue, request_id="same") for _ in range(6)))
     assert counting.batches == [6]  # all six in one statement
     assert len({row["id"] for row, _, _ in created}) == 1
@@ -105,7 +106,7 @@ async def test_one_request_id_twice_in_a_batch_makes_one_generation(pool: asyncp
 
 async def test_a_row_postgresql_refuses_fails_its_own_create_only(pool: asyncpg.Pool) -> None:
     counting = CountingPool(pool)
-    queue = Queue(counting, SETTINGS, "replica-a")  # type: ignore[arg-type]
+    queue = Queue(counting, SETTINGS, "replica-a")
     # jsonb has no NUL character: PostgreSQL refuses that row, not its neighbours.
     prompts = ["fine", "\x00", "also fine"]
     results = await asyncio.gather(
@@ -145,7 +146,7 @@ async def test_only_rows_with_a_free_worker_and_nothing_waiting_ahead_dispatch_a
 async def test_concurrent_creates_share_statements(pool: asyncpg.Pool) -> None:
     counting = CountingPool(pool)
     settings = SETTINGS.model_copy(update={"max_queued_per_principal": 100})
-    queue = Queue(counting, settings, "replica-a")  # type: ignore[arg-type]
+    queue = Queue(counting, settings, "replica-a")
     created = await asyncio.gather(*(queue_create(queue, parameters={"n": n}) for n in range(40)))
     assert sorted(position for _, _, position in created) == list(range(1, 41))
     assert sum(counting.batches) == 40 and len(counting.batches) < 40

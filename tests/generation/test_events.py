@@ -37,7 +37,9 @@ class Table:
         return self.rows[after : after + limit]
 
 
-async def watching(hub: EventHub, table: Table, after: int = 0) -> tuple[asyncio.Task[Any], list]:
+async def watching(
+    hub: EventHub, table: Table, after: int = 0
+) -> tuple[asyncio.Task[Any], list[int]]:
     seen: list[int] = []
 
     async def watch() -> None:

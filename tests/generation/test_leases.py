@@ -174,4 +174,5 @@ async def test_a_stale_replicas_late_writes_are_fenced_off(
     assert await pool.fetchval("SELECT count(*) FROM generation_events") == events_before
     # The owner's writes still land.
     fresh = Fence(taken["id"], taken["attempts"], b.owner)
-    assert (await b.completed(fresh, []))["status"] == "COMPLETED"
+    completed = await b.completed(fresh, [])
+    assert completed is not None and completed["status"] == "COMPLETED"

@@ -34,7 +34,7 @@ async def events_of(pool: asyncpg.Pool, fence: Fence) -> list[tuple[str, object]
 
 async def test_changes_arriving_together_share_a_statement(pool: asyncpg.Pool) -> None:
     counting = CountingPool(pool, _RUNNING_CHANGES)
-    queue = Queue(counting, QueueSettings(), "replica-a")  # type: ignore[arg-type]
+    queue = Queue(counting, QueueSettings(), "replica-a")
     fences = await claimed(queue, 6)
 
     rows = await asyncio.gather(*(queue.started(f) for f in fences))
@@ -48,7 +48,7 @@ async def test_changes_arriving_together_share_a_statement(pool: asyncpg.Pool) -
 
 async def test_each_kind_in_a_batch_sets_its_own_columns_and_event(pool: asyncpg.Pool) -> None:
     counting = CountingPool(pool, _RUNNING_CHANGES)
-    queue = Queue(counting, QueueSettings(), "replica-a")  # type: ignore[arg-type]
+    queue = Queue(counting, QueueSettings(), "replica-a")
     starting, stepping, ending = await claimed(queue, 3)
     outputs = [{"index": 0, "path": "/out/x.png", "content_type": "image/png", "size_bytes": 3}]
     await asyncio.gather(queue.started(stepping), queue.started(ending))
@@ -85,7 +85,7 @@ async def test_a_dispatch_chosen_after_the_claim_shares_the_batch_and_starts_not
     pool: asyncpg.Pool,
 ) -> None:
     counting = CountingPool(pool, _RUNNING_CHANGES)
-    queue = Queue(counting, QueueSettings(), "replica-a")  # type: ignore[arg-type]
+    queue = Queue(counting, QueueSettings(), "replica-a")
     choosing, running = await claimed(queue, 2)
     await queue.started(running)
 
@@ -114,7 +114,7 @@ async def test_a_stale_fence_in_a_batch_changes_nothing_of_its_own(
     pool: asyncpg.Pool,
 ) -> None:
     counting = CountingPool(pool, _RUNNING_CHANGES)
-    queue = Queue(counting, QueueSettings(), "replica-a")  # type: ignore[arg-type]
+    queue = Queue(counting, QueueSettings(), "replica-a")
     fences = await claimed(queue, 4)
     stale = Fence(fences[3].id, fences[3].attempt + 1, queue.owner)  # a later attempt's
 

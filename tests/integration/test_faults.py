@@ -79,7 +79,7 @@ async def statuses(address: str, ids: list[str]) -> dict[str, Any]:
 
 
 async def wait_until(
-    address: str, ids: list[str], wanted: set[int], timeout: float
+    address: str, ids: list[str], wanted: set[gen.GenerationStatus.ValueType], timeout: float
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -165,7 +165,7 @@ async def one_gpu(
 ) -> tuple[Part, Part, Part]:
     simulator = stack.start_simulator(step_seconds=step_seconds, flags=simulator_flags)
     await stack.wait_serving(simulator)
-    worker = stack.start_worker("worker", simulator.address, **FAST_RETRIES)
+    worker = stack.start_worker("worker", simulator.address, port=0, **FAST_RETRIES)
     await stack.wait_serving(worker)
     generation = stack.start_generation(
         "generation-a",

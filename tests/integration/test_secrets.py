@@ -44,7 +44,7 @@ async def test_no_secret_appears_in_any_log(
     debug = {"LOCKN_LOG_LEVEL": "debug", "LOCKN_WORKER_TOKEN": WORKER_TOKEN}
     simulator = stack.start_simulator(step_seconds=0.001)
     await stack.wait_serving(simulator)
-    worker = stack.start_worker("worker", simulator.address, **debug)
+    worker = stack.start_worker("worker", simulator.address, port=0, **debug)
     await stack.wait_serving(worker)
     generation = stack.start_generation(
         "generation",

@@ -56,9 +56,9 @@ def _event_row(seq: int) -> dict[str, object]:
 
 def test_watchers_of_an_event_share_one_response_holding_it() -> None:
     # 1,000 watchers of a generation get one message, not 1,000 copies.
-    first = convert.watch_response(_event_row(7))  # type: ignore[arg-type]
-    again = convert.watch_response(_event_row(7))  # type: ignore[arg-type]
+    first = convert.watch_response(_event_row(7))
+    again = convert.watch_response(_event_row(7))
     assert again is first
-    assert first.event == convert.event(_event_row(7))  # type: ignore[arg-type]
+    assert first.event == convert.event(_event_row(7))
     assert (first.event.sequence, first.event.progress.value) == (7, 3)
-    assert convert.watch_response(_event_row(8)).event.sequence == 8  # type: ignore[arg-type]
+    assert convert.watch_response(_event_row(8)).event.sequence == 8

@@ -32,7 +32,8 @@ GRPC_NAMES = {
 
 
 def compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return loaded
 
 
 def substitute_defaults(value: str) -> str:

@@ -32,7 +32,7 @@ SEED_MAX = 18446744073709551615
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # A template whose prompt allows 2 MB, for the 1 MB verbatim case.
-BIG_GRAPH = {
+BIG_GRAPH: dict[str, Any] = {
     "1": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 1]}},
     "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}},
 }
