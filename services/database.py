@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +31,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x10C4_6E00
 NO_TRANSACTION = "-- lockn: no-transaction"
 LOCK_POLL_S = 0.1
+LOCK_WAIT_LOG_S = 30.0
 
 log = get_logger(component="database")
 
@@ -128,10 +130,32 @@ async def _take_migration_lock(conn: asyncpg.Connection) -> None:
     """Polls rather than waits in pg_advisory_lock: a replica waiting inside a
     statement holds a snapshot, which a CREATE INDEX CONCURRENTLY in the
     replica migrating waits for, and PostgreSQL ends that deadlock by failing
-    one of the two."""
-    # The lock is PostgreSQL's: nothing in this process could signal its release.
-    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):  # noqa: ASYNC110
+    one of the two. While it waits it says who holds the lock, now and then,
+    so that a replica stuck at start-up behind a long migration is explained."""
+    started = time.monotonic()
+    said = -LOCK_WAIT_LOG_S
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):
+        waited = time.monotonic() - started
+        if waited - said >= LOCK_WAIT_LOG_S:
+            said = waited
+            holder = await conn.fetchrow(_LOCK_HOLDER, MIGRATION_LOCK)
+            log.info(
+                "migration_lock_busy",
+                waited_s=round(waited, 1),
+                holder_pid=holder and holder["pid"],
+                holder_running=holder and holder["query"],
+            )
         await asyncio.sleep(LOCK_POLL_S)
+
+
+# The session holding the migration lock, and the start of what it runs now.
+_LOCK_HOLDER = """
+SELECT a.pid, left(a.query, 200) AS query
+FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
+    SELECT oid FROM pg_database WHERE datname = current_database())
+  AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
+"""
 
 
 async def _apply(conn: asyncpg.Connection, version: str, sql: str) -> None:

@@ -4,13 +4,16 @@ throwaway-server fallback the suite and the demo rely on."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
 from services.database import (
+    MIGRATION_LOCK,
     DatabaseUnreachable,
     connect,
     migrate,
@@ -19,6 +22,7 @@ from services.database import (
     statements,
 )
 from services.embedded_postgres import LOCAL_SERVER, postgres_server
+from services.log import configure_logging
 
 
 async def test_migrate_applies_every_file_once_and_then_nothing(empty_database: str) -> None:
@@ -42,6 +46,35 @@ async def test_replicas_migrating_at_once_apply_each_migration_exactly_once(
     results = await asyncio.gather(*(migrate(empty_database) for _ in range(4)))
     applied = [version for result in results for version in result]
     assert sorted(applied) == [version for version, _ in migration_files()]
+
+
+async def test_a_replica_waiting_for_the_migration_lock_says_who_holds_it(
+    empty_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("info", "json")
+    holder = await asyncpg.connect(empty_database)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        migrating = asyncio.create_task(migrate(empty_database))
+        said = await _until_logged(capsys, "migration_lock_busy")
+        assert said["holder_pid"] == holder.get_server_pid()
+        assert "pg_advisory_lock" in said["holder_running"]
+        assert not migrating.done()
+        await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        applied = await asyncio.wait_for(migrating, 30)
+        assert applied == [version for version, _ in migration_files()]
+    finally:
+        await holder.close()
+
+
+async def _until_logged(capsys: pytest.CaptureFixture[str], event: str) -> dict[str, Any]:
+    for _ in range(100):
+        for line in capsys.readouterr().err.splitlines():
+            if line.startswith("{") and json.loads(line)["event"] == event:
+                said: dict[str, Any] = json.loads(line)
+                return said
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {event} logged")
 
 
 FINISHED_COUNTS = "0003_finished_counts"
