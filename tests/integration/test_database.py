@@ -164,8 +164,8 @@ async def _cancelled_build(dsn: str, conn: asyncpg.Connection) -> None:
     try:
         async with holder.transaction():
             await holder.execute("LOCK TABLE generations IN ROW EXCLUSIVE MODE")
+            await conn.execute("SET statement_timeout = '300ms'")
             with pytest.raises(asyncpg.QueryCanceledError):
-                await conn.execute("SET statement_timeout = '300ms'")
                 await conn.execute(_finished_counts_statements()[1])
             await conn.execute("RESET statement_timeout")
     finally:
