@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from services import event_loop
-from services.database import DatabaseUnreachable, connect, migrate
+from services.database import DatabaseUnreachable, connect, migrate, pending
 from services.errors import LocknError
 from services.log import configure_logging
 from services.settings import Settings, SettingsError, load_settings
@@ -31,6 +31,11 @@ PROCESSES: dict[str, tuple[str, str, str]] = {
 
 
 async def _migrate(settings: Settings, args: argparse.Namespace) -> None:
+    if args.pending:
+        for version, no_transaction in await pending(settings.database_dsn):
+            note = "  (no transaction: builds an index concurrently)" if no_transaction else ""
+            print(version + note)
+        return
     applied = await migrate(settings.database_dsn)
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
 
@@ -73,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.set_defaults(run=_lazy(module, function), loop=event_loop.run)
     sub = commands.add_parser("migrate", help="apply database migrations")
+    sub.add_argument(
+        "--pending", action="store_true", help="list the migrations not yet applied; apply none"
+    )
     sub.set_defaults(run=_migrate)
     sub = commands.add_parser("check-database", help="check that DATABASE_URL answers")
     sub.set_defaults(run=_check_database)

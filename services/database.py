@@ -126,6 +126,23 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
     return applied_now
 
 
+async def pending(dsn: str, directory: Path = MIGRATIONS) -> list[tuple[str, bool]]:
+    """The migrations `migrate` would apply now, each with whether it runs
+    outside a transaction (an index built concurrently); applies nothing."""
+    conn = await connect(dsn)
+    try:
+        done: set[str] = set()
+        if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    finally:
+        await conn.close()
+    return [
+        (version, path.read_text().startswith(NO_TRANSACTION))
+        for version, path in migration_files(directory)
+        if version not in done
+    ]
+
+
 async def _take_migration_lock(conn: asyncpg.Connection) -> None:
     """Polls rather than waits in pg_advisory_lock: a replica waiting inside a
     statement holds a snapshot, which a CREATE INDEX CONCURRENTLY in the

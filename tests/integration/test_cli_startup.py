@@ -62,6 +62,22 @@ def test_migrate_applies_then_reports_nothing_to_do(database_url: str) -> None:
     assert result.stdout.strip() == "applied 0 migration(s)"
 
 
+def test_pending_lists_what_migrate_would_apply_and_applies_nothing(empty_database: str) -> None:
+    env = {"DATABASE_URL": empty_database}
+    before = run_cli("migrate", "--pending", env=env)
+    assert before.returncode == 0, before.stderr
+    listed = before.stdout.splitlines()
+    assert [line.split()[0] for line in listed] == [v for v, _ in migration_files()]
+    assert [v for v in listed if "no transaction" in v] == [
+        "0003_finished_counts  (no transaction: builds an index concurrently)"
+    ]
+    assert run_cli("migrate", "--pending", env=env).stdout == before.stdout  # still all pending
+    assert run_cli("migrate", env=env).returncode == 0
+    after = run_cli("migrate", "--pending", env=env)
+    assert after.returncode == 0, after.stderr
+    assert after.stdout == ""
+
+
 def test_migrate_on_an_empty_database_applies_every_migration(empty_database: str) -> None:
     result = run_cli("migrate", env={"DATABASE_URL": empty_database})
     assert result.returncode == 0, result.stderr
