@@ -185,6 +185,18 @@ def test_generation_service_survives_a_node_drain() -> None:
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
 
+def test_generation_service_migrates_before_it_starts_and_is_probed() -> None:
+    deployment = next(w for w in workloads() if w["metadata"]["name"] == "generation-service")
+    pod = deployment["spec"]["template"]["spec"]
+    (service,) = pod["containers"]
+    (init,) = pod["initContainers"]
+    assert build_parser().parse_args(init["args"]).command == "migrate"
+    assert "livenessProbe" not in init and "startupProbe" not in init
+    assert init["image"] == service["image"]
+    assert init["envFrom"] == service["envFrom"]  # the same database
+    assert init["resources"]["requests"]
+
+
 def test_services_select_existing_pods() -> None:
     labels = [w["spec"]["template"]["metadata"]["labels"] for w in workloads()]
     for service in (d for d in k8s_documents() if d["kind"] == "Service"):
