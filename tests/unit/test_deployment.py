@@ -68,7 +68,7 @@ def port_of(address: str) -> int:
 
 def test_compose_runs_the_whole_stack() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "comfyui", *OUR_SERVICES}
+    assert set(services) == {"postgres", "comfyui", "migrate", *OUR_SERVICES}
     devices = services["comfyui"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia"
     assert "gpu" in devices[0]["capabilities"]
@@ -119,6 +119,17 @@ def test_compose_services_reach_each_other_by_name_and_listening_port(
     )
     assert "generation-service" in services["gateway"]["depends_on"]
     assert "comfyui" in services["comfy-worker"]["depends_on"]
+
+
+def test_compose_migrates_once_before_generation_service_starts() -> None:
+    services = compose()["services"]
+    migrate, generation = services["migrate"], services["generation-service"]
+    assert build_parser().parse_args(migrate["command"]).command == "migrate"
+    assert migrate["restart"] == "no"  # a one-shot: the stack's default would rerun it forever
+    assert [key for key in migrate["environment"] if not setting_exists(key)] == []
+    assert migrate["environment"]["DATABASE_URL"] == generation["environment"]["DATABASE_URL"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert generation["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
 def k8s_documents() -> list[dict[str, Any]]:
