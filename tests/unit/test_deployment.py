@@ -196,7 +196,9 @@ def test_generation_service_survives_a_node_drain() -> None:
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
 
-def test_generation_service_migrates_before_it_starts_and_is_probed() -> None:
+def test_generation_service_migrates_before_it_starts_and_is_probed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     deployment = next(w for w in workloads() if w["metadata"]["name"] == "generation-service")
     pod = deployment["spec"]["template"]["spec"]
     (service,) = pod["containers"]
@@ -206,6 +208,8 @@ def test_generation_service_migrates_before_it_starts_and_is_probed() -> None:
     assert init["image"] == service["image"]
     assert init["envFrom"] == service["envFrom"]  # the same database
     assert init["resources"]["requests"]
+    assert "env" not in init
+    assert settings_from(config_env(), monkeypatch).database_dsn  # the config alone is enough
 
 
 def test_services_select_existing_pods() -> None:
