@@ -112,7 +112,7 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            done = await _applied(conn)
             for version, path in migration_files(directory):
                 if version in done:
                     continue
@@ -131,16 +131,25 @@ async def pending(dsn: str, directory: Path = MIGRATIONS) -> list[tuple[str, boo
     outside a transaction (an index built concurrently); applies nothing."""
     conn = await connect(dsn)
     try:
-        done: set[str] = set()
-        if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        done = await _applied(conn)
     finally:
         await conn.close()
     return [
-        (version, path.read_text().startswith(NO_TRANSACTION))
+        (version, _outside_transaction(path.read_text()))
         for version, path in migration_files(directory)
         if version not in done
     ]
+
+
+async def _applied(conn: asyncpg.Connection) -> set[str]:
+    """The versions applied so far; none before the first migration ran."""
+    if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        return set()
+    return {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+
+
+def _outside_transaction(sql: str) -> bool:
+    return sql.startswith(NO_TRANSACTION)
 
 
 async def _take_migration_lock(conn: asyncpg.Connection) -> None:
@@ -177,7 +186,7 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
 
 async def _apply(conn: asyncpg.Connection, version: str, sql: str) -> None:
     record = "INSERT INTO schema_migrations (version) VALUES ($1)"
-    if sql.startswith(NO_TRANSACTION):
+    if _outside_transaction(sql):
         for statement in statements(sql):
             await conn.execute(statement)
         await conn.execute(record, version)
