@@ -27,7 +27,7 @@ from services import metrics
 from services.comfy_worker.executor import prompt_id_for
 from services.contracts import worker
 from services.errors import Reason
-from services.generation.queue import Fence, Queue
+from services.generation.queue import TERMINAL, Fence, Queue
 from services.generation.store import StorageFull, Store
 from services.generation.workers import WorkerHandle, WorkerPool
 from services.log import get_logger
@@ -403,16 +403,7 @@ class Dispatcher:
         row: Record | None = await write
         if row is None:
             raise LeaseLost()
-        if (
-            row["cancel_requested"]
-            and not job.cancel_sent
-            and row["status"]
-            not in (
-                "COMPLETED",
-                "FAILED",
-                "CANCELLED",
-            )
-        ):
+        if row["cancel_requested"] and not job.cancel_sent and row["status"] not in TERMINAL:
             job.cancel_sent = True
             task = asyncio.create_task(self._cancel_job(job, row["prompt_id"]))
             self._background.add(task)
