@@ -552,12 +552,10 @@ class Queue:
         still needs its worker chosen and `dispatched` written."""
         if limit <= 0:
             return []
-        leased = (self.owner, self.settings.lease_seconds)
         statement = (_CLAIM_FOR if worker else _CLAIM).replace("{limit}", str(int(limit)))
-        rows: list[Record] = await (
-            self.pool.fetch(statement, *leased, worker)
-            if worker
-            else self.pool.fetch(statement, *leased)
+        dispatch_to = (worker,) if worker else ()
+        rows: list[Record] = await self.pool.fetch(
+            statement, self.owner, self.settings.lease_seconds, *dispatch_to
         )
         return sorted(rows, key=lambda r: r["claim_key"])
 
