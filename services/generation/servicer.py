@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -43,11 +44,16 @@ TOKEN_MAX = 256
 CHUNK = 1 << 20
 
 
+# uuid.UUID() also takes braces, "urn:uuid:", surrounding whitespace, any
+# number of hyphens and other scripts' digits: an id is its canonical text only,
+# so that what a caller sends is exactly what every reply and header shows.
+CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+
+
 def parse_id(value: str, field: str = "id") -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise InvalidArgument.field(field, "not a generation id (a UUID)") from None
+    if not CANONICAL_ID.fullmatch(value):
+        raise InvalidArgument.field(field, "not a generation id (a UUID: 8-4-4-4-12 hex digits)")
+    return uuid.UUID(value)
 
 
 def encode_token(created_at: datetime, generation_id: uuid.UUID) -> str:

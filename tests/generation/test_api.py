@@ -177,6 +177,25 @@ async def test_ids_that_are_not_uuids_are_invalid_everywhere(
         code, error = await rpc_error(call)
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert fields(error) == ["id"]
+    # Forms Python's uuid.UUID() takes are refused too (before, they found
+    # this generation or another id's NOT_FOUND): only the canonical text
+    # names a generation.
+    created = await generation_service.create(steps=1)
+    hex_id = created.id.replace("-", "")
+    lenient = [
+        "\n" + created.id[1:],
+        f"{{{created.id}}}",
+        f"urn:uuid:{created.id}",
+        hex_id,
+        "-".join(hex_id),
+        created.id.replace("4", "\u0664"),  # Arabic-Indic four (the version digit is 4)
+    ]
+    for text in lenient:
+        code, error = await rpc_error(stub.GetGeneration(gen.GetGenerationRequest(id=text)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, text
+        assert fields(error) == ["id"]
+    upper = await stub.GetGeneration(gen.GetGenerationRequest(id=created.id.upper()))
+    assert upper.generation.id == created.id
     for stream in (
         stub.WatchGeneration(gen.WatchGenerationRequest(id="nope")),
         stub.GetGenerationImage(gen.GetGenerationImageRequest(id="nope")),
