@@ -514,7 +514,7 @@ class ListGenerationsRequest(_message.Message):
     STATUSES_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """1..100; 0 means 20."""
+    """0 means 50; larger than 500 means 500; negative is INVALID_ARGUMENT."""
     page_token: _builtins.str
     template: _builtins.str
     @_builtins.property

@@ -87,10 +87,10 @@ class GenerationServiceServicer:
     def CreateGeneration(self, request, context):
         """Validate against the template and queue. With a worker slot free and
         nothing queued ahead, the generation comes back already DISPATCHED.
-        INVALID_ARGUMENT with BadRequest field violations for bad input, NOT_FOUND
-        for an unknown template, FAILED_PRECONDITION with ErrorInfo
-        MODEL_NOT_FOUND for a checkpoint no worker has. A repeated request_id
-        returns the first generation.
+        INVALID_ARGUMENT with BadRequest field violations for bad input (ErrorInfo
+        reason MODEL_NOT_FOUND when the only fault is a model no worker has),
+        NOT_FOUND for an unknown template. A repeated request_id returns the first
+        generation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,10 +37,10 @@ class GenerationServiceStub:
     CreateGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.CreateGenerationRequest, _generation_pb2.CreateGenerationResponse]
     """Validate against the template and queue. With a worker slot free and
     nothing queued ahead, the generation comes back already DISPATCHED.
-    INVALID_ARGUMENT with BadRequest field violations for bad input, NOT_FOUND
-    for an unknown template, FAILED_PRECONDITION with ErrorInfo
-    MODEL_NOT_FOUND for a checkpoint no worker has. A repeated request_id
-    returns the first generation.
+    INVALID_ARGUMENT with BadRequest field violations for bad input (ErrorInfo
+    reason MODEL_NOT_FOUND when the only fault is a model no worker has),
+    NOT_FOUND for an unknown template. A repeated request_id returns the first
+    generation.
     """
     GetGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GetGenerationRequest, _generation_pb2.GetGenerationResponse]
     ListGenerations: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListGenerationsRequest, _generation_pb2.ListGenerationsResponse]
@@ -65,10 +65,10 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     CreateGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.CreateGenerationRequest, _generation_pb2.CreateGenerationResponse]  # type: ignore[assignment]
     """Validate against the template and queue. With a worker slot free and
     nothing queued ahead, the generation comes back already DISPATCHED.
-    INVALID_ARGUMENT with BadRequest field violations for bad input, NOT_FOUND
-    for an unknown template, FAILED_PRECONDITION with ErrorInfo
-    MODEL_NOT_FOUND for a checkpoint no worker has. A repeated request_id
-    returns the first generation.
+    INVALID_ARGUMENT with BadRequest field violations for bad input (ErrorInfo
+    reason MODEL_NOT_FOUND when the only fault is a model no worker has),
+    NOT_FOUND for an unknown template. A repeated request_id returns the first
+    generation.
     """
     GetGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.GetGenerationRequest, _generation_pb2.GetGenerationResponse]  # type: ignore[assignment]
     ListGenerations: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListGenerationsRequest, _generation_pb2.ListGenerationsResponse]  # type: ignore[assignment]
@@ -96,10 +96,10 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_generation_pb2.CreateGenerationResponse, _abc.Awaitable[_generation_pb2.CreateGenerationResponse]]:
         """Validate against the template and queue. With a worker slot free and
         nothing queued ahead, the generation comes back already DISPATCHED.
-        INVALID_ARGUMENT with BadRequest field violations for bad input, NOT_FOUND
-        for an unknown template, FAILED_PRECONDITION with ErrorInfo
-        MODEL_NOT_FOUND for a checkpoint no worker has. A repeated request_id
-        returns the first generation.
+        INVALID_ARGUMENT with BadRequest field violations for bad input (ErrorInfo
+        reason MODEL_NOT_FOUND when the only fault is a model no worker has),
+        NOT_FOUND for an unknown template. A repeated request_id returns the first
+        generation.
         """
 
     @_abc_1.abstractmethod
