@@ -4,7 +4,9 @@ anything is stored, so no upload reaches ComfyUI that it would choke on."""
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 
 from PIL import Image
@@ -18,6 +20,18 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 # Beyond this a small file may decode to gigabytes (a decompression bomb).
 MAX_PIXELS = 8192 * 8192
 FORMATS = {"PNG", "JPEG", "WEBP"}
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+# Adam7's passes: first column, first row, column step, row step.
+ADAM7 = (
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+)
+INFLATE_PIECE = 1 << 20
 
 
 def check_images(images: Sequence[gen.InputImage]) -> list[tuple[str, bytes]]:
@@ -60,8 +74,39 @@ def _image_problem(data: bytes) -> str | None:
                     probe.load()
                 else:
                     probe.verify()
+                    if probe.format == "PNG" and not _png_rows_complete(data):
+                        return "PNG pixel data is cut short or corrupt"
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         return "image too large once decoded"
     except Exception:
         return "not a readable PNG, JPEG or WebP image"
     return None
+
+
+def _png_rows_complete(data: bytes) -> bool:
+    """Whether the PNG's pixel data inflates to exactly the rows its header
+    promises. verify() checks only the chunks' checksums, and decoding the
+    image would hold it all in memory (256 MB at the largest size allowed);
+    inflated a piece at a time, any size costs a megabyte."""
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    bits = depth * PNG_CHANNELS[colour]
+    expected = 0
+    for x0, y0, dx, dy in ADAM7 if interlace else ((0, 0, 1, 1),):
+        columns, rows = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if columns > 0 and rows > 0:
+            expected += rows * (1 + (columns * bits + 7) // 8)  # a filter byte per row
+    inflater = zlib.decompressobj()
+    produced, pos = 0, 8
+    try:
+        while pos + 8 <= len(data) and produced <= expected:
+            (length,) = struct.unpack(">I", data[pos : pos + 4])
+            if data[pos + 4 : pos + 8] == b"IDAT":
+                pending = data[pos + 8 : pos + 8 + length]
+                while pending and produced <= expected:
+                    produced += len(inflater.decompress(pending, INFLATE_PIECE))
+                    pending = inflater.unconsumed_tail
+            pos += 12 + length
+        produced += len(inflater.flush())
+    except zlib.error:
+        return False
+    return inflater.eof and produced == expected

@@ -210,6 +210,31 @@ def corrupted_pngs(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+def png_with_pixels(pixels: bytes, size: tuple[int, int] = (8, 8), interlace: int = 0) -> bytes:
+    """An RGB PNG of `size` whose IDAT holds `pixels` as given, every CRC right."""
+    header = struct.pack(">IIBBBBB", *size, 8, 2, 0, 0, interlace)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", pixels)
+        + _chunk(b"IEND", b"")
+    )
+
+
+# The rows of VALID_IMAGES["PNG"]: 8 of a filter byte and 8 RGB pixels.
+PNG_ROWS = 8 * (1 + 8 * 3)
+
+
+@st.composite
+def pngs_with_bad_pixels(draw: st.DrawFn) -> bytes:
+    """Checksums all right, pixel data wrong: too few or too many rows, or not zlib."""
+    rows = draw(st.integers(0, 3 * PNG_ROWS).filter(lambda n: n != PNG_ROWS))
+    compressed = zlib.compress(bytes(rows))
+    if draw(st.booleans()):
+        compressed = compressed[: draw(st.integers(0, len(compressed) - 1))]
+    return png_with_pixels(compressed)
+
+
 # Bytes that must never be taken for a PNG, JPEG or WebP image.
 NOT_IMAGES = st.one_of(
     st.binary(max_size=512),
@@ -217,6 +242,7 @@ NOT_IMAGES = st.one_of(
     st.sampled_from(OTHER_FORMATS),
     truncated_images(),
     corrupted_pngs(),
+    pngs_with_bad_pixels(),
     bombs(),
     st.binary(max_size=64).map(lambda tail: b"\x89PNG\r\n\x1a\n" + tail),
     st.binary(max_size=64).map(lambda tail: b"RIFF\x00\x00\x00\x00WEBPVP8 " + tail),
