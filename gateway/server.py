@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -165,8 +166,11 @@ async def image(request: web.Request) -> web.StreamResponse:
     response: web.StreamResponse | None = None
     async for chunk in call:
         if response is None:
-            # Images never change once stored: the id and index are a strong tag.
-            etag = f'"{request.match_info["id"]}-{index}"'
+            # Images never change once stored: the id and index are a strong
+            # tag. The id is written canonically (lower case), never as the
+            # path spelled it: caller text stays out of headers, and every
+            # spelling GenerationService accepted names the image alike.
+            etag = f'"{uuid.UUID(request.match_info["id"])}-{index}"'
             if request.headers.get("If-None-Match") == etag:
                 call.cancel()
                 return web.Response(status=304, headers={"ETag": etag})
