@@ -65,11 +65,13 @@ class FuzzStack:
         return [self.completed.id, self.with_input.id, self.cancelled.id]
 
     def seeded(self, raw: str) -> gen.Generation | None:
-        """The seeded generation `raw` names, in any spelling a UUID parser takes."""
+        """The seeded generation `raw` names: only its canonical text, in either case."""
         try:
             wanted = str(uuid.UUID(raw))
         except ValueError:
             return None
+        if raw.lower() != wanted:
+            return None  # braces, urn:uuid:, whitespace... name no generation
         by_id = {g.id: g for g in (self.completed, self.with_input, self.cancelled)}
         return by_id.get(wanted)
 
