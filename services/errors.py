@@ -39,6 +39,7 @@ class Reason(StrEnum):
     PROMPT_NOT_FOUND = "PROMPT_NOT_FOUND"
     NOT_COMPLETED = "NOT_COMPLETED"
     ALREADY_TERMINAL = "ALREADY_TERMINAL"
+    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     QUEUE_LIMIT = "QUEUE_LIMIT"
     GPU_OUT_OF_MEMORY = "GPU_OUT_OF_MEMORY"
@@ -105,6 +106,11 @@ class FailedPrecondition(LocknError):
     default_reason = Reason.ALREADY_TERMINAL
 
 
+class AlreadyExists(LocknError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = Reason.REQUEST_ID_REUSED
+
+
 class Unauthenticated(LocknError):
     code = grpc.StatusCode.UNAUTHENTICATED
     default_reason = Reason.UNAUTHENTICATED
@@ -140,6 +146,7 @@ _BY_CODE: dict[grpc.StatusCode, type[LocknError]] = {
         InvalidArgument,
         NotFound,
         FailedPrecondition,
+        AlreadyExists,
         Unauthenticated,
         PermissionDenied,
         ResourceExhausted,

@@ -28,7 +28,7 @@ import asyncpg
 from asyncpg import Record
 
 from services.comfy_worker.executor import prompt_id_for
-from services.errors import NotFound, Reason, ResourceExhausted
+from services.errors import AlreadyExists, NotFound, Reason, ResourceExhausted
 from services.generation.batching import Batcher
 from services.settings import QueueSettings
 
@@ -71,7 +71,8 @@ def _with_event(changed_sql: str, type_param: str, payload_param: str, inputs: s
 # will have in ComfyUI ($11, derived from its id), so that a claim can
 # dispatch it to a worker in one statement too.
 # $1..$11 one array per column, $12 aging, $13 the callers' limit, $14 owner,
-# $15 lease seconds, $16..$18 input images (generation id, name, data).
+# $15 lease seconds, $16..$18 input images (generation id, name, data), $19
+# the requests' digests (what each request_id stands for).
 # The arrays are read through a MATERIALIZED CTE so that no estimate depends
 # on their contents. Given as constants, they let the planner size each unnest
 # exactly and cost a custom plan below the generic one, and PostgreSQL then
@@ -84,7 +85,8 @@ WITH arrays AS MATERIALIZED (
         $4::text[] AS templates, $5::text[] AS parameters, $6::text[] AS graphs,
         $7::text[] AS checkpoints, $8::int[] AS priorities, $9::int[] AS timeouts,
         $10::text[] AS workers, $11::text[] AS prompt_ids,
-        $16::uuid[] AS input_ids, $17::text[] AS input_names, $18::bytea[] AS input_data
+        $16::uuid[] AS input_ids, $17::text[] AS input_names, $18::bytea[] AS input_data,
+        $19::bytea[] AS digests
 ), place AS (
     SELECT extract(epoch FROM clock_timestamp()) AS now_s
 ), batch AS (
@@ -93,9 +95,10 @@ WITH arrays AS MATERIALIZED (
     SELECT b.*, place.now_s - b.priority * $12::float8 + b.ord * 1e-6 AS claim_key
     FROM place, arrays, unnest(arrays.ids, arrays.principals, arrays.request_ids,
             arrays.templates, arrays.parameters, arrays.graphs, arrays.checkpoints,
-            arrays.priorities, arrays.timeouts, arrays.workers, arrays.prompt_ids)
+            arrays.priorities, arrays.timeouts, arrays.workers, arrays.prompt_ids,
+            arrays.digests)
         WITH ORDINALITY AS b(id, principal, request_id, template, parameters, graph,
-            checkpoint, priority, timeout_seconds, worker, prompt_id, ord)
+            checkpoint, priority, timeout_seconds, worker, prompt_id, request_digest, ord)
     WHERE NOT EXISTS (SELECT 1 FROM generations g
                       WHERE g.principal = b.principal AND g.request_id = b.request_id)
 ), callers AS MATERIALIZED (
@@ -130,13 +133,13 @@ WITH arrays AS MATERIALIZED (
 ), changed AS (
     INSERT INTO generations (id, principal, request_id, template, parameters, graph,
         checkpoint, priority, timeout_seconds, claim_key, status, last_event_seq,
-        attempts, lease_owner, lease_expires_at, worker, prompt_id)
+        attempts, lease_owner, lease_expires_at, worker, prompt_id, request_digest)
     SELECT id, principal, request_id, template, parameters::jsonb, graph, checkpoint,
         priority, timeout_seconds, claim_key,
         CASE WHEN go THEN 'DISPATCHED' ELSE 'QUEUED' END, CASE WHEN go THEN 2 ELSE 1 END,
         CASE WHEN go THEN 1 ELSE 0 END, CASE WHEN go THEN $14 END,
         CASE WHEN go THEN now() + make_interval(secs => $15) END,
-        CASE WHEN go THEN worker END, prompt_id
+        CASE WHEN go THEN worker END, prompt_id, request_digest
     FROM decided ORDER BY ord
     ON CONFLICT (principal, request_id) DO NOTHING
     RETURNING *
@@ -183,6 +186,7 @@ class NewGeneration:
     timeout_seconds: int
     inputs: Sequence[tuple[str, bytes]]
     direct_to: str | None
+    request_digest: bytes | None = None
 
 
 # A claimed row says whether it has input images, so that a job without
@@ -356,10 +360,12 @@ class Queue:
         timeout_seconds: int,
         inputs: Sequence[tuple[str, bytes]],
         direct_to: str | None = None,
+        request_digest: bytes | None = None,
     ) -> tuple[Record, bool, int]:
         """(row, created, queue position): a repeated request_id returns the
-        first row, unchanged. With `direct_to` (a worker with a slot kept free
-        for it) a row nothing waits ahead of comes back DISPATCHED to it."""
+        first row, unchanged, unless both have a `request_digest` and they
+        differ (AlreadyExists). With `direct_to` (a worker with a slot kept
+        free for it) a row nothing waits ahead of comes back DISPATCHED to it."""
         new = NewGeneration(
             id=uuid.uuid4(),
             principal=principal,
@@ -372,6 +378,7 @@ class Queue:
             timeout_seconds=timeout_seconds,
             inputs=inputs,
             direct_to=direct_to,
+            request_digest=request_digest,
         )
         # A create carrying images goes alone: a batch's statement holds every
         # row's bytes at once.
@@ -388,6 +395,14 @@ class Queue:
                 request_id,
             )
             if existing is not None:
+                first = existing["request_digest"]
+                if first is not None and request_digest is not None and first != request_digest:
+                    raise AlreadyExists(
+                        f"request_id {request_id!r} was used for a different request"
+                        f" (generation {existing['id']}): repeat that request exactly,"
+                        " or use a new request_id",
+                        metadata={"generation_id": str(existing["id"])},
+                    )
                 return existing, False, await self.queue_position(existing)
         limit = self.settings.max_queued_per_principal
         raise ResourceExhausted(
@@ -417,6 +432,7 @@ class Queue:
             [n.id for n in batch for _ in n.inputs],
             [name for n in batch for name, _ in n.inputs],
             [data for n in batch for _, data in n.inputs],
+            [n.request_digest for n in batch],
         )
         by_id = {row["id"]: row for row in rows}
         return [by_id.get(n.id) for n in batch]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import re
 import uuid
@@ -42,6 +43,7 @@ REQUEST_ID_MAX = 128
 # Issued tokens are about 100 characters; a cap keeps json.loads from deep nesting.
 TOKEN_MAX = 256
 CHUNK = 1 << 20
+DIGEST_ON_LOOP_BYTES = 64 * 1024
 
 
 # uuid.UUID() also takes braces, "urn:uuid:", surrounding whitespace, any
@@ -54,6 +56,17 @@ def parse_id(value: str, field: str = "id") -> uuid.UUID:
     if not CANONICAL_ID.fullmatch(value):
         raise InvalidArgument.field(field, "not a generation id (a UUID: 8-4-4-4-12 hex digits)")
     return uuid.UUID(value)
+
+
+async def request_digest(request: gen.CreateGenerationRequest) -> bytes | None:
+    """What a request_id stands for: the request as the caller sent it, so that
+    a retry matches and another request under the same key does not."""
+    if not request.request_id:
+        return None
+    data = request.SerializeToString(deterministic=True)
+    if len(data) < DIGEST_ON_LOOP_BYTES:
+        return hashlib.sha256(data).digest()
+    return await asyncio.to_thread(lambda: hashlib.sha256(data).digest())  # 0.6 ms a MB
 
 
 def encode_token(created_at: datetime, generation_id: uuid.UUID) -> str:
@@ -142,6 +155,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
         resolved = self.library.resolve(
             template.name, values, available_models=self.workers.models()
         )
+        digest = await request_digest(request)
         # Shielded: a caller hanging up must not leave a row its create
         # dispatched without the job that runs it (it would wait out its lease).
         row, created, position = await asyncio.shield(
@@ -155,6 +169,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                 priority=request.priority,
                 timeout_seconds=request.timeout_seconds or self.settings.comfyui.timeout_seconds,
                 inputs=inputs,
+                request_digest=digest,
             )
         )
         return gen.CreateGenerationResponse(

@@ -292,6 +292,34 @@ async def test_the_same_request_id_twice_gives_the_same_generation_and_one_run(
     assert worker.in_use == 0
 
 
+async def test_a_request_id_reused_for_a_different_request_is_already_exists(
+    generation_service: GenerationClient,
+) -> None:
+    first = await generation_service.stub.CreateGeneration(
+        request(prompt="first", steps=1, request_id="key-1")
+    )
+    for different in (
+        request(prompt="second", steps=1, request_id="key-1"),
+        request(prompt="first", steps=2, request_id="key-1"),
+        request(prompt="first", steps=1, request_id="key-1", priority=5),
+        request("sdxl-txt2img", prompt="first", steps=1, request_id="key-1"),
+    ):
+        code, error = await rpc_error(generation_service.stub.CreateGeneration(different))
+        assert code == grpc.StatusCode.ALREADY_EXISTS
+        assert error.reason == "REQUEST_ID_REUSED"
+        assert error.metadata["generation_id"] == first.generation.id
+    again = await generation_service.stub.CreateGeneration(
+        request(prompt="first", steps=1, request_id="key-1")
+    )
+    assert again.created is False and again.generation.id == first.generation.id
+    # Keys are per caller request: another key with the second body is a new one.
+    other = await generation_service.stub.CreateGeneration(
+        request(prompt="second", steps=1, request_id="key-2")
+    )
+    assert other.created is True
+    assert len(await listed(generation_service)) == 2
+
+
 async def test_a_request_id_that_is_too_long_is_invalid(
     generation_service: GenerationClient,
 ) -> None:

@@ -415,8 +415,8 @@ class CreateGenerationRequest(_message.Message):
     priority: _builtins.int
     """Higher runs first; -100..100."""
     request_id: _builtins.str
-    """Idempotency key: the same caller and request_id return the first
-    generation instead of creating another.
+    """Idempotency key: the same caller, request_id and request return the
+    first generation instead of creating another.
     """
     timeout_seconds: _builtins.int
     """0 means the configured default (300 s); at most the configured maximum."""

@@ -90,7 +90,8 @@ class GenerationServiceServicer:
         INVALID_ARGUMENT with BadRequest field violations for bad input (ErrorInfo
         reason MODEL_NOT_FOUND when the only fault is a model no worker has),
         NOT_FOUND for an unknown template. A repeated request_id returns the first
-        generation.
+        generation; the same request_id with a different request is
+        ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata generation_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

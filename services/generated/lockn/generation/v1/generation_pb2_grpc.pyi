@@ -40,7 +40,8 @@ class GenerationServiceStub:
     INVALID_ARGUMENT with BadRequest field violations for bad input (ErrorInfo
     reason MODEL_NOT_FOUND when the only fault is a model no worker has),
     NOT_FOUND for an unknown template. A repeated request_id returns the first
-    generation.
+    generation; the same request_id with a different request is
+    ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata generation_id).
     """
     GetGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GetGenerationRequest, _generation_pb2.GetGenerationResponse]
     ListGenerations: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListGenerationsRequest, _generation_pb2.ListGenerationsResponse]
@@ -68,7 +69,8 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     INVALID_ARGUMENT with BadRequest field violations for bad input (ErrorInfo
     reason MODEL_NOT_FOUND when the only fault is a model no worker has),
     NOT_FOUND for an unknown template. A repeated request_id returns the first
-    generation.
+    generation; the same request_id with a different request is
+    ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata generation_id).
     """
     GetGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.GetGenerationRequest, _generation_pb2.GetGenerationResponse]  # type: ignore[assignment]
     ListGenerations: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListGenerationsRequest, _generation_pb2.ListGenerationsResponse]  # type: ignore[assignment]
@@ -99,7 +101,8 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         INVALID_ARGUMENT with BadRequest field violations for bad input (ErrorInfo
         reason MODEL_NOT_FOUND when the only fault is a model no worker has),
         NOT_FOUND for an unknown template. A repeated request_id returns the first
-        generation.
+        generation; the same request_id with a different request is
+        ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata generation_id).
         """
 
     @_abc_1.abstractmethod
