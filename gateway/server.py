@@ -97,6 +97,17 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(from_rpc_error(rpc), HTTP_STATUS.get(rpc.code(), 502))
     except InvalidArgument as error:
         return error_response(error, 400)
+    except web.RequestPayloadError:
+        # A body that does not decompress as its Content-Encoding says, or ends
+        # early. aiohttp's parser has lost its place in the connection, so it
+        # closes after this answer; the body is marked read, or aiohttp would
+        # drain it again and log the same error as unhandled.
+        request.content.feed_eof()
+        response = error_response(
+            InvalidArgument.field("body", "unreadable: not valid for its Content-Encoding"), 400
+        )
+        response.force_close()
+        return response
     except web.HTTPException as http:
         if http.status < 400:
             raise

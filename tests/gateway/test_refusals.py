@@ -1,0 +1,47 @@
+"""What the gateway refuses, and how: a 4xx with the JSON error shape that
+names what the caller sent (the field, query parameter or header by its
+HTTP name), and nothing created."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from typing import Any
+
+import aiohttp
+
+from tests.gateway.conftest import ServerErrors
+
+JSON = {"Content-Type": "application/json"}
+BODY = {"template": "sd15-txt2img", "parameters": {"prompt": "a cat", "steps": 2}}
+
+
+async def refusal(reply: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    """The error of a refusal with `status`, checked to be in the JSON error shape."""
+    assert reply.status == status, await reply.text()
+    assert reply.content_type == "application/json"
+    error: dict[str, Any] = (await reply.json())["error"]
+    assert isinstance(error["reason"], str) and isinstance(error["message"], str)
+    return error
+
+
+async def assert_nothing_created(gateway: aiohttp.ClientSession) -> None:
+    async with gateway.get("/api/generations") as reply:
+        assert (await reply.json()).get("generations", []) == []
+
+
+async def test_a_body_that_does_not_decompress_is_a_400_naming_the_body(
+    gateway: aiohttp.ClientSession, server_errors: ServerErrors
+) -> None:
+    for encoding in ("gzip", "deflate"):
+        headers = {**JSON, "Content-Encoding": encoding}
+        async with gateway.post("/api/generations", data=b"not compressed", headers=headers) as r:
+            error = await refusal(r, 400)
+            assert error["field_violations"][0]["field"] == "body"
+    await assert_nothing_created(gateway)
+    assert server_errors() == []
+
+    compressed = gzip.compress(json.dumps(BODY).encode())
+    headers = {**JSON, "Content-Encoding": "gzip"}
+    async with gateway.post("/api/generations", data=compressed, headers=headers) as reply:
+        assert reply.status == 202, await reply.text()
