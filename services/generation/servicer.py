@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -44,6 +45,8 @@ REQUEST_ID_MAX = 128
 TOKEN_MAX = 256
 CHUNK = 1 << 20
 DIGEST_ON_LOOP_BYTES = 64 * 1024
+# How long CancelGeneration waits for a running generation to stop.
+CANCEL_WAIT_SECONDS = 5.0
 
 
 # uuid.UUID() also takes braces, "urn:uuid:", surrounding whitespace, any
@@ -239,11 +242,22 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                 f"generation {row['id']} is already {row['status']}",
                 reason=Reason.ALREADY_TERMINAL.value,
             )
-        handle = self.workers.workers.get(row["worker"] or "")
-        if row["status"] in ("DISPATCHED", "RUNNING") and handle is not None:
-            # Straight to the worker: the owner may be another replica.
-            await self.dispatcher.cancel_in_worker(handle, row["prompt_id"])
+        if row["status"] in ("DISPATCHED", "RUNNING"):
+            handle = self.workers.workers.get(row["worker"] or "")
+            if handle is not None:
+                # Straight to the worker: the owner may be another replica.
+                await self.dispatcher.cancel_in_worker(handle, row["prompt_id"])
+            row = await self._when_finished(row, CANCEL_WAIT_SECONDS)
         return gen.CancelGenerationResponse(generation=convert.generation(row))
+
+    async def _when_finished(self, row: Record, seconds: float) -> Record:
+        """The row once it has ended, or as it is after `seconds`: a caller that
+        cancels wants to see the run stopped (tens of ms), not still RUNNING."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                async for _ in self.hub.watch(row["id"], row["last_event_seq"]):
+                    pass  # the watch ends with the terminal event
+        return await self.queue.get(row["id"], None)
 
     async def GetGenerationImage(
         self, request: gen.GetGenerationImageRequest, context: grpc.aio.ServicerContext

@@ -400,12 +400,13 @@ async def test_cancel_queued_dispatched_and_running_generations(
     assert done.status == gen.GENERATION_STATUS_CANCELLED
     assert not done.worker and done.attempts == 0
 
-    await stub.CancelGeneration(gen.CancelGenerationRequest(id=lookahead.id))
-    done = await generation_service.wait(lookahead.id, seconds=5)
-    assert done.status == gen.GENERATION_STATUS_CANCELLED, done.error
+    # The reply comes once the worker has stopped it, and says so.
+    reply = await stub.CancelGeneration(gen.CancelGenerationRequest(id=lookahead.id))
+    assert reply.generation.status == gen.GENERATION_STATUS_CANCELLED, reply.generation
     assert sim.pending == []
 
-    await stub.CancelGeneration(gen.CancelGenerationRequest(id=running.id))
+    reply = await stub.CancelGeneration(gen.CancelGenerationRequest(id=running.id))
+    assert reply.generation.status == gen.GENERATION_STATUS_CANCELLED, reply.generation
     done = await generation_service.wait(running.id, seconds=5)
     assert done.status == gen.GENERATION_STATUS_CANCELLED, done.error
     # Only the running one ever reached the GPU, and it was cut short.

@@ -111,7 +111,10 @@ class GenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelGeneration(self, request, context):
-        """Works in every non-terminal state; FAILED_PRECONDITION once terminal.
+        """Works in every non-terminal state; FAILED_PRECONDITION once terminal. A
+        DISPATCHED or RUNNING generation is stopped in its worker, and the reply
+        waits for that, up to 5 s: CANCELLED (or how it ended, had it just
+        finished), else its state at 5 s, on its way to CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

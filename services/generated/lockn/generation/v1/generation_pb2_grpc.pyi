@@ -47,7 +47,11 @@ class GenerationServiceStub:
     ListGenerations: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListGenerationsRequest, _generation_pb2.ListGenerationsResponse]
     """Newest first."""
     CancelGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.CancelGenerationRequest, _generation_pb2.CancelGenerationResponse]
-    """Works in every non-terminal state; FAILED_PRECONDITION once terminal."""
+    """Works in every non-terminal state; FAILED_PRECONDITION once terminal. A
+    DISPATCHED or RUNNING generation is stopped in its worker, and the reply
+    waits for that, up to 5 s: CANCELLED (or how it ended, had it just
+    finished), else its state at 5 s, on its way to CANCELLED.
+    """
     GetGenerationImage: _grpc.UnaryStreamMultiCallable[_generation_pb2.GetGenerationImageRequest, _generation_pb2.GetGenerationImageResponse]
     """The stored output image as chunks. FAILED_PRECONDITION until COMPLETED."""
     WatchGeneration: _grpc.UnaryStreamMultiCallable[_generation_pb2.WatchGenerationRequest, _generation_pb2.WatchGenerationResponse]
@@ -76,7 +80,11 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     ListGenerations: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListGenerationsRequest, _generation_pb2.ListGenerationsResponse]  # type: ignore[assignment]
     """Newest first."""
     CancelGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.CancelGenerationRequest, _generation_pb2.CancelGenerationResponse]  # type: ignore[assignment]
-    """Works in every non-terminal state; FAILED_PRECONDITION once terminal."""
+    """Works in every non-terminal state; FAILED_PRECONDITION once terminal. A
+    DISPATCHED or RUNNING generation is stopped in its worker, and the reply
+    waits for that, up to 5 s: CANCELLED (or how it ended, had it just
+    finished), else its state at 5 s, on its way to CANCELLED.
+    """
     GetGenerationImage: _aio.UnaryStreamMultiCallable[_generation_pb2.GetGenerationImageRequest, _generation_pb2.GetGenerationImageResponse]  # type: ignore[assignment]
     """The stored output image as chunks. FAILED_PRECONDITION until COMPLETED."""
     WatchGeneration: _aio.UnaryStreamMultiCallable[_generation_pb2.WatchGenerationRequest, _generation_pb2.WatchGenerationResponse]  # type: ignore[assignment]
@@ -126,7 +134,11 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.CancelGenerationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.CancelGenerationResponse, _abc.Awaitable[_generation_pb2.CancelGenerationResponse]]:
-        """Works in every non-terminal state; FAILED_PRECONDITION once terminal."""
+        """Works in every non-terminal state; FAILED_PRECONDITION once terminal. A
+        DISPATCHED or RUNNING generation is stopped in its worker, and the reply
+        waits for that, up to 5 s: CANCELLED (or how it ended, had it just
+        finished), else its state at 5 s, on its way to CANCELLED.
+        """
 
     @_abc_1.abstractmethod
     def GetGenerationImage(
