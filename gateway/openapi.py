@@ -137,6 +137,7 @@ def _errors(*codes: int) -> JsonDict:
         404: "no such generation (or not the caller's)",
         409: "not possible in the generation's state",
         413: "request body too large",
+        415: "Content-Type is not application/json",
         429: "the caller's queue limit; see Retry-After",
         503: "GenerationService unavailable",
     }
@@ -174,7 +175,7 @@ def _paths() -> JsonDict:
                             " Location names it",
                         ),
                         "200": _json(_ref("Generation"), "an earlier request with this request_id"),
-                        **_errors(400, 404, 413, 429),
+                        **_errors(400, 404, 413, 415, 429),
                     },
                 ),
                 "requestBody": {

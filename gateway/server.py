@@ -121,6 +121,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _json_body(request: web.Request) -> Any:
+    # JSON only: a form or text/plain POST is one any web page can make
+    # cross-site without a CORS preflight, which with authentication off
+    # would let it create generations.
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(text="Content-Type must be application/json")
     try:
         body = json.loads(await request.read())
         # "\ud800" escapes decode to lone surrogates, which no protobuf string takes.

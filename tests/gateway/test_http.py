@@ -67,7 +67,8 @@ async def test_bad_requests_name_the_field(gateway: aiohttp.ClientSession) -> No
             assert reply.status == status, (body, await reply.text())
             error = (await reply.json())["error"]
             assert error["field_violations"][0]["field"] == field
-    async with gateway.post("/api/generations", data=b"{not json") as reply:
+    not_json = {"Content-Type": "application/json"}
+    async with gateway.post("/api/generations", data=b"{not json", headers=not_json) as reply:
         assert reply.status == 400
     async with gateway.get("/api/generations/not-a-uuid") as reply:
         assert reply.status == 400

@@ -105,3 +105,8 @@ async def test_every_error_has_the_documented_error_shape(gateway: aiohttp.Clien
         async with gateway.request(method, path, json=body) as reply:
             assert reply.status == status, (method, path, await reply.text())
             check(document, "Error", await reply.json())
+    plain = {"Content-Type": "text/plain"}
+    async with gateway.post("/api/generations", data="{}", headers=plain) as reply:
+        assert reply.status == 415
+        check(document, "Error", await reply.json())
+    assert "415" in document["paths"]["/api/generations"]["post"]["responses"]

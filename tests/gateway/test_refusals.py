@@ -45,3 +45,24 @@ async def test_a_body_that_does_not_decompress_is_a_400_naming_the_body(
     headers = {**JSON, "Content-Encoding": "gzip"}
     async with gateway.post("/api/generations", data=compressed, headers=headers) as reply:
         assert reply.status == 202, await reply.text()
+
+
+async def test_a_create_that_is_not_json_is_a_415_and_creates_nothing(
+    gateway: aiohttp.ClientSession,
+) -> None:
+    # What a cross-site page can POST without a CORS preflight: a form, text/plain.
+    text = json.dumps(BODY)
+    sends: list[dict[str, Any]] = [
+        {"data": text, "headers": {"Content-Type": "text/plain"}},
+        {"data": {"template": "sd15-txt2img"}},  # application/x-www-form-urlencoded
+        {"data": text.encode(), "skip_auto_headers": ["Content-Type"]},
+        {"data": text, "headers": {"Content-Type": "application/json-patch+json"}},
+    ]
+    for send in sends:
+        async with gateway.post("/api/generations", **send) as reply:
+            assert (await refusal(reply, 415))["reason"] == "UNSUPPORTED_MEDIA_TYPE"
+    await assert_nothing_created(gateway)
+
+    with_charset = {"Content-Type": "application/json; charset=utf-8"}
+    async with gateway.post("/api/generations", data=text, headers=with_charset) as reply:
+        assert reply.status == 202, await reply.text()
