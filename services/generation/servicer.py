@@ -144,13 +144,16 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             else []
         )
         values = values_from_proto(request.parameters)
-        referenced = {v.name for v in values.values() if isinstance(v, ImageRef)}
-        unknown = referenced - {name for name, _ in inputs}
-        if unknown:
-            raise InvalidArgument.field(
-                "parameters", f"names images not in input_images: {', '.join(sorted(unknown))}"
-            )
-        unused = {name for name, _ in inputs} - referenced
+        given = {name for name, _ in inputs}
+        refs = {k: v.name for k, v in values.items() if isinstance(v, ImageRef)}
+        missing = [
+            (f"parameters.{k}", f"names image {ref!r}, which is not in input_images")
+            for k, ref in sorted(refs.items())
+            if ref not in given
+        ]
+        if missing:
+            raise InvalidArgument(missing)
+        unused = given - set(refs.values())
         if unused:
             raise InvalidArgument.field(
                 "input_images", f"not used by any parameter: {', '.join(sorted(unused))}"

@@ -310,7 +310,7 @@ def m_unused_image(draw: st.DrawFn, draft: Draft) -> None:
 def m_dangling_image(draw: st.DrawFn, draft: Draft) -> None:
     name = draft.pick(draw) or "image"
     draft.params[name] = gen.ParameterValue(image_name=draw(DANGLING))
-    draft.fields.add("parameters")
+    draft.fields.add(f"parameters.{name}")
     draft.drop_image(name)
 
 

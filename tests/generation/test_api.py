@@ -122,8 +122,14 @@ async def test_image_parameter_naming_a_missing_input_is_invalid(
     bad = request("img2img", image="missing.png", prompt="p")
     code, error = await rpc_error(generation_service.stub.CreateGeneration(bad))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert isinstance(error, InvalidArgument) and fields(error) == ["parameters"]
+    assert isinstance(error, InvalidArgument) and fields(error) == ["parameters.image"]
     assert "missing.png" in error.violations[0][1]
+    # Whichever parameter holds the reference is the one named.
+    bad = request(steps=1)
+    bad.parameters["prompt"].image_name = "a.png"
+    code, error = await rpc_error(generation_service.stub.CreateGeneration(bad))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error) == ["parameters.prompt"]
     assert await listed(generation_service) == []
 
 
