@@ -26,7 +26,7 @@ import aiohttp
 import asyncpg
 
 from services.embedded_postgres import EmbeddedPostgres
-from services.settings import Settings, load_settings
+from services.settings import Settings, SettingsError, load_settings
 from services.stack import LocalStack, Part
 
 STATE = Path(".lockn")
@@ -192,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
     _add_arguments(parser)
     args = parser.parse_args(argv)
-    return run(load_settings(), args.serve)
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        print(f"demo failed: {error}", file=sys.stderr)
+        return 2
+    return run(settings, args.serve)
 
 
 if __name__ == "__main__":

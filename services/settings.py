@@ -2,18 +2,25 @@
 
 Values come from environment variables (prefix `LOCKN_`, `__` between nested
 names, e.g. `LOCKN_COMFYUI__BASE_URL`), then from an optional JSON/YAML file
-named by `LOCKN_CONFIG_FILE`, then from the defaults. The file may use the
-LOC-58 note's `appsettings.json` spelling (`"ComfyUi": {"BaseUrl": ...}`).
-`DATABASE_URL` is read too, as most tooling sets it. Nothing else in the code
-reads `os.environ`: a bad value stops start-up with one line naming it.
+named by `LOCKN_CONFIG_FILE`, then from the defaults, setting by setting. The
+file's keys match whatever the case and underscores, so it may use the LOC-58
+note's `appsettings.json` spelling (`"ComfyUi": {"BaseUrl": ...}`); a key that
+matches no setting is refused. `DATABASE_URL` is read too, as most tooling
+sets it. Nothing else in the code reads `os.environ`: a bad value stops
+start-up with one line naming it as the user wrote it (the variable, or the
+key in the file).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -26,11 +33,14 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings import SettingsError as SourceError
 
 ENV_PREFIX = "LOCKN_"
 CONFIG_FILE_VARIABLE = "LOCKN_CONFIG_FILE"
@@ -39,33 +49,17 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
-def _alias(name: str, legacy: str) -> AliasChoices:
-    return AliasChoices(name, legacy)
-
-
 class ComfyUiSettings(BaseModel):
-    """The LOC-58 note's `ComfyUi` section, kept name for name."""
+    """The LOC-58 note's `ComfyUi` section, kept name for name (`BaseUrl` is `base_url`)."""
 
-    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
-    base_url: AnyHttpUrl = Field(
-        AnyHttpUrl("http://localhost:8188"), validation_alias=_alias("base_url", "BaseUrl")
-    )
-    timeout_seconds: PositiveInt = Field(
-        300, validation_alias=_alias("timeout_seconds", "TimeoutSeconds")
-    )
-    poll_interval_ms: PositiveInt = Field(
-        2000, validation_alias=_alias("poll_interval_ms", "PollIntervalMs")
-    )
-    max_concurrent_generations: PositiveInt = Field(
-        1, validation_alias=_alias("max_concurrent_generations", "MaxConcurrentGenerations")
-    )
-    workflows_path: Path = Field(
-        Path("./workflows"), validation_alias=_alias("workflows_path", "WorkflowsPath")
-    )
-    output_path: Path = Field(
-        Path("./outputs"), validation_alias=_alias("output_path", "OutputPath")
-    )
+    base_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8188")
+    timeout_seconds: PositiveInt = 300
+    poll_interval_ms: PositiveInt = 2000
+    max_concurrent_generations: PositiveInt = 1
+    workflows_path: Path = Path("./workflows")
+    output_path: Path = Path("./outputs")
 
 
 class RetrySettings(BaseModel):
@@ -140,9 +134,7 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    comfyui: ComfyUiSettings = Field(
-        default_factory=ComfyUiSettings, validation_alias=_alias("comfyui", "ComfyUi")
-    )
+    comfyui: ComfyUiSettings = Field(default_factory=ComfyUiSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     database_url: SecretStr | None = Field(
@@ -211,13 +203,137 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _FileSource(settings_cls))
+        return (init_settings, _EnvSource(settings_cls), _FileSource(settings_cls))
 
     @property
     def database_dsn(self) -> str:
         if self.database_url is None:
             raise SettingsError("LOCKN_DATABASE_URL", "is not set (nor DATABASE_URL)")
         return self.database_url.get_secret_value()
+
+
+class _EnvSource(EnvSettingsSource):
+    """The environment, where a value that is not JSON is named by its own variable
+    (pydantic-settings names only the top-level field, `retry` for
+    LOCKN_RETRY__BACKOFF_SECONDS)."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)  # type: ignore[arg-type]
+        except json.JSONDecodeError as error:
+            kind = "JSON" if field is None else _json_kind(field.annotation)
+            reason = f"must be {kind} ({error.msg} at character {error.pos})"
+            # A ValueError still, so that where pydantic-settings may fall back to
+            # the raw string it does; elsewhere it wraps it for load_settings.
+            raise _NotJson(self._variable(field_name, value), reason) from error
+
+    def _variable(self, key: str, value: Any) -> str:
+        prefix = self.env_prefix.lower()
+        for name, found in self.env_vars.items():
+            lowered = name.lower()
+            if found == value and lowered.startswith(prefix) and lowered.endswith(key.lower()):
+                return name.upper()
+        return (self.env_prefix + key).upper()
+
+
+class _NotJson(ValueError):
+    """A JSON-typed setting's variable that does not parse."""
+
+    def __init__(self, variable: str, reason: str) -> None:
+        super().__init__(reason)
+        self.variable = variable
+        self.reason = reason
+
+
+def _json_kind(annotation: Any) -> str:
+    origin = get_origin(annotation) or annotation
+    return "a JSON array" if origin in (list, tuple, set, frozenset) else "a JSON object"
+
+
+Location = tuple[str | int, ...]
+
+
+@dataclass
+class _ConfigFile:
+    """The file named by LOCKN_CONFIG_FILE, its keys turned into field names."""
+
+    path: Path
+    data: dict[str, Any]
+    # field path -> the key as the file spells it, e.g. ("comfyui", "timeout_seconds")
+    # -> "ComfyUi.TimeoutSeconds", so a bad value is named as the user wrote it.
+    spelling: dict[Location, str]
+
+    def spelt(self, loc: Location) -> str | None:
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in self.spelling:
+                return f"{self.spelling[loc[:n]]}{_path_text(loc[n:])} in {self.path}"
+        return None
+
+
+def _read_config_file() -> _ConfigFile | None:
+    name = os.environ.get(CONFIG_FILE_VARIABLE)
+    if not name:
+        return None
+    path = Path(name)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SettingsError(CONFIG_FILE_VARIABLE, f"cannot read {path}: {error.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:
+        raise SettingsError(CONFIG_FILE_VARIABLE, f"{path} is not valid: {error}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SettingsError(CONFIG_FILE_VARIABLE, f"{path} must hold a mapping")
+    file = _ConfigFile(path, {}, {})
+    file.data = _field_names(data, Settings, (), "", file)
+    return file
+
+
+def _normal(key: str) -> str:
+    return key.replace("_", "").replace("-", "").lower()
+
+
+def _field_names(value: Any, annotation: Any, loc: Location, spelt: str, file: _ConfigFile) -> Any:
+    """`value` with the keys of every settings model in it turned into field names.
+    Keys match ignoring case and underscores; one that matches no field is refused,
+    as pydantic would otherwise drop a misspelt section without a word."""
+    if loc:
+        file.spelling[loc] = spelt
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if not isinstance(value, dict):
+            return value
+        fields = {_normal(name): name for name in annotation.model_fields}
+        named: dict[str, Any] = {}
+        for key, item in value.items():
+            where = f"{spelt}.{key}" if spelt else str(key)
+            name = fields.get(_normal(str(key)))
+            if name is None:
+                raise SettingsError(f"{where} in {file.path}", _unknown(str(key), fields.values()))
+            item_type = annotation.model_fields[name].annotation
+            named[name] = _field_names(item, item_type, (*loc, name), where, file)
+        return named
+    if get_origin(annotation) is list and isinstance(value, list):
+        item_type = get_args(annotation)[0]
+        return [
+            _field_names(item, item_type, (*loc, n), f"{spelt}[{n}]", file)
+            for n, item in enumerate(value)
+        ]
+    return value
+
+
+def _unknown(key: str, names: Iterable[str]) -> str:
+    known = list(names)
+    close = difflib.get_close_matches(_normal(key), known, n=1)
+    if close:
+        return f"unknown key (did you mean {close[0]}?)"
+    return f"unknown key (known: {', '.join(known)})"
+
+
+def _path_text(loc: Location) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -227,23 +343,8 @@ class _FileSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        name = os.environ.get(CONFIG_FILE_VARIABLE)
-        if not name:
-            return {}
-        path = Path(name)
-        try:
-            text = path.read_text()
-        except OSError as error:
-            raise SettingsError(
-                CONFIG_FILE_VARIABLE, f"cannot read {path}: {error.strerror}"
-            ) from None
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (ValueError, yaml.YAMLError) as error:
-            raise SettingsError(CONFIG_FILE_VARIABLE, f"{path} is not valid: {error}") from None
-        if not isinstance(data, dict):
-            raise SettingsError(CONFIG_FILE_VARIABLE, f"{path} must hold a mapping")
-        return data
+        file = _read_config_file()
+        return {} if file is None else file.data
 
 
 class SettingsError(Exception):
@@ -265,7 +366,33 @@ def load_settings(**overrides: Any) -> Settings:
     """Read the settings, turning pydantic's report into one line naming the setting."""
     try:
         return Settings(**overrides)
+    except SourceError as error:
+        cause = error.__cause__
+        if isinstance(cause, _NotJson):
+            raise SettingsError(cause.variable, cause.reason) from None
+        field_name = re.search(r'field "(\w+)"', str(error))
+        name = ENV_PREFIX + (field_name[1].upper() if field_name else "*")
+        raise SettingsError(name, f"{error}: {cause}") from None
     except ValidationError as error:
         first = error.errors()[0]
-        name = ENV_PREFIX + "__".join(str(p) for p in first["loc"] if not isinstance(p, int))
-        raise SettingsError(name.upper(), first["msg"]) from None
+        raise SettingsError(_setting_name(first["loc"]), first["msg"]) from None
+
+
+def _setting_name(loc: Location) -> str:
+    """Where the value at `loc` came from: its environment variable (the setting's
+    own or a JSON one above it), else its key in the config file."""
+    environment = {name.upper() for name in os.environ}
+    for n in range(len(loc), 0, -1):
+        head = loc[:n]
+        if any(isinstance(p, int) for p in head):
+            continue
+        variable = ENV_PREFIX + "__".join(str(p) for p in head).upper()
+        candidates = [variable, "DATABASE_URL"] if head == ("database_url",) else [variable]
+        for candidate in candidates:
+            if candidate in environment:
+                return candidate + _path_text(loc[n:])
+    file = _read_config_file()
+    spelt = file.spelt(loc) if file is not None else None
+    if spelt is not None:
+        return spelt
+    return ENV_PREFIX + "__".join(str(p) for p in loc if not isinstance(p, int)).upper()
