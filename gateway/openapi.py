@@ -235,7 +235,8 @@ def _paths() -> JsonDict:
             "get": _operation(
                 "watchGeneration",
                 "Server-sent events: `snapshot` first, then each `event` until a terminal one. "
-                "Each frame's id is an event sequence; reconnect with Last-Event-ID to resume.",
+                "Each event frame's id is its sequence, so ids only grow (the snapshot frame "
+                "has none); reconnect with Last-Event-ID to resume after the last one seen.",
                 {
                     "200": {
                         "description": "an event stream; each data line is a "

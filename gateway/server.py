@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -173,6 +174,21 @@ async def cancel(request: web.Request) -> web.Response:
     return web.json_response(convert.to_json(reply.generation))
 
 
+@contextlib.contextmanager
+def _relayed(call: grpc.aio.UnaryStreamCall) -> Iterator[None]:
+    """Around relaying a GenerationService stream to the client: whatever ends
+    the relay early cancels the call. A client that hangs up ends it quietly;
+    re-raised, aiohttp would log its ConnectionResetError as a failed request.
+    Anything else (CancelledError among it) goes on."""
+    try:
+        yield
+    except ConnectionResetError:
+        call.cancel()
+    except BaseException:
+        call.cancel()
+        raise
+
+
 async def image(request: web.Request) -> web.StreamResponse:
     index = _natural(request.query.get("index", "0"), "index", 1000)
     call = _stub(request).GetGenerationImage(
@@ -180,30 +196,29 @@ async def image(request: web.Request) -> web.StreamResponse:
         metadata=_metadata(request),
     )
     response: web.StreamResponse | None = None
-    async for chunk in call:
-        if response is None:
-            # Images never change once stored: the id and index are a strong
-            # tag. The id is written canonically (lower case), never as the
-            # path spelled it: caller text stays out of headers, and every
-            # spelling GenerationService accepted names the image alike.
-            etag = f'"{uuid.UUID(request.match_info["id"])}-{index}"'
-            if request.headers.get("If-None-Match") == etag:
-                call.cancel()
-                return web.Response(status=304, headers={"ETag": etag})
-            response = web.StreamResponse(
-                headers={
-                    "Content-Type": chunk.image.content_type or "application/octet-stream",
-                    "Content-Length": str(chunk.image.size_bytes),
-                    "ETag": etag,
-                    "Cache-Control": "private, max-age=31536000, immutable",
-                }
-            )
-            await response.prepare(request)
-        await response.write(chunk.data)
-    if response is None:
-        return web.Response(status=204)
-    await response.write_eof()
-    return response
+    with _relayed(call):
+        async for chunk in call:
+            if response is None:
+                # Images never change once stored: the id and index are a strong
+                # tag. The id is written canonically (lower case), never as the
+                # path spelled it: caller text stays out of headers, and every
+                # spelling GenerationService accepted names the image alike.
+                etag = f'"{uuid.UUID(request.match_info["id"])}-{index}"'
+                if request.headers.get("If-None-Match") == etag:
+                    call.cancel()
+                    return web.Response(status=304, headers={"ETag": etag})
+                response = web.StreamResponse(
+                    headers={
+                        "Content-Type": chunk.image.content_type or "application/octet-stream",
+                        "Content-Length": str(chunk.image.size_bytes),
+                        "ETag": etag,
+                        "Cache-Control": "private, max-age=31536000, immutable",
+                    }
+                )
+                await response.prepare(request)
+            await response.write(chunk.data)
+    # aiohttp ends a prepared response itself (quietly, if the client is gone).
+    return web.Response(status=204) if response is None else response
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -215,7 +230,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         metadata=_metadata(request),
     )
     response: web.StreamResponse | None = None
-    try:
+    with _relayed(call):
         async for item in call:
             if response is None:
                 response = web.StreamResponse(
@@ -227,17 +242,13 @@ async def events(request: web.Request) -> web.StreamResponse:
                 )
                 await response.prepare(request)
             kind = item.WhichOneof("item")
-            payload = convert.to_json(item)
-            sequence = item.event.sequence if kind == "event" else item.snapshot.last_event_sequence
-            frame = f"id: {sequence}\nevent: {kind}\ndata: {json.dumps(payload)}\n\n"
+            # Events carry their sequence as the frame id; the snapshot carries
+            # none (a client then keeps its last one), as its newest sequence
+            # would make the ids of the events replayed after it run backwards.
+            id_line = f"id: {item.event.sequence}\n" if kind == "event" else ""
+            frame = f"{id_line}event: {kind}\ndata: {json.dumps(convert.to_json(item))}\n\n"
             await response.write(frame.encode())
-    except (ConnectionResetError, asyncio.CancelledError):
-        call.cancel()
-        raise
-    if response is None:
-        return web.Response(status=204)
-    await response.write_eof()
-    return response
+    return web.Response(status=204) if response is None else response
 
 
 async def templates(request: web.Request) -> web.Response:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client import REGISTRY
 
 from tests.fixtures.generation import GenerationClient
 from tests.gateway.calls import create, watch
+from tests.gateway.conftest import ServerErrors
 
 
 async def test_create_follow_and_download_over_http(
@@ -128,3 +131,48 @@ async def test_the_image_etag_holds_the_canonical_id_whatever_the_path_spelled(
     async with gateway.get(f"/api/generations/%0A{created['id'][1:]}/image") as reply:
         assert reply.status == 400
         assert (await reply.json())["error"]["field_violations"][0]["field"] == "id"
+
+
+async def test_event_ids_only_grow_as_the_snapshot_carries_none(
+    gateway: aiohttp.ClientSession,
+) -> None:
+    created = await create(gateway, steps=3)
+    frames = await watch(gateway, created["id"])
+    # An id on the snapshot (the newest sequence) would make the replayed
+    # events' ids run backwards; without one, a client keeps its last id.
+    assert frames[0].event == "snapshot" and frames[0].id is None
+    assert [f.id for f in frames[1:]] == [f.data["event"]["sequence"] for f in frames[1:]]
+    assert [int(f.id or 0) for f in frames[1:]] == list(range(1, len(frames)))
+
+    resumed = await watch(gateway, created["id"], **{"Last-Event-ID": "2"})
+    assert resumed[0].event == "snapshot" and resumed[0].id is None
+    assert [int(f.id or 0) for f in resumed[1:]] == list(range(3, len(frames)))
+
+
+async def test_a_client_hanging_up_mid_stream_ends_the_watch_quietly(
+    gateway: aiohttp.ClientSession,
+    generation_service: GenerationClient,
+    server_errors: ServerErrors,
+) -> None:
+    generation_service.simulator.sim.set_step_seconds(0.1)
+    created = await create(gateway, steps=100)
+    labels = {"route": "/api/generations/{id}/events", "status": "200"}
+
+    def streams_ended() -> float:
+        return REGISTRY.get_sample_value("lockn_http_requests_total", labels) or 0.0
+
+    before = streams_ended()
+    reply = await gateway.get(f"/api/generations/{created['id']}/events")
+    assert reply.status == 200
+    await reply.content.readuntil(b"\n\n")  # the snapshot
+    reply.close()  # hangs up: the connection is closed, not returned to the pool
+
+    # The gateway sees the hang-up when it writes the next progress event:
+    # its handler ends normally (and is counted), or aiohttp logs the error.
+    async with asyncio.timeout(10):
+        while streams_ended() == before and not server_errors():
+            await asyncio.sleep(0.02)
+    assert server_errors() == []
+    assert streams_ended() == before + 1
+    async with gateway.post(f"/api/generations/{created['id']}/cancel") as cancelled:
+        assert cancelled.status == 200
