@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable
 from typing import Any
 
 from google.protobuf import json_format
@@ -16,6 +17,13 @@ from services.errors import InvalidArgument
 STATUS_PREFIX = "GENERATION_STATUS_"
 # Enum names HTTP clients see lower-cased and without their prefix.
 ENUM_PREFIXES = (STATUS_PREFIX, "EVENT_TYPE_", "PARAMETER_TYPE_")
+# Statuses by the names HTTP clients use; the zero value ("unspecified") is
+# no generation's status, so it is not among them.
+STATUS_VALUES = {
+    name.removeprefix(STATUS_PREFIX).lower(): value
+    for name, value in gen.GenerationStatus.items()
+    if value != gen.GENERATION_STATUS_UNSPECIFIED
+}
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -106,11 +114,14 @@ def _typed(
     return value
 
 
-def statuses(raw: str) -> list[gen.GenerationStatus.ValueType]:
+def statuses(values: Iterable[str]) -> list[gen.GenerationStatus.ValueType]:
+    """The statuses `status` query parameters name: each may be given more
+    than once, and each value may list several, comma-separated."""
     found = []
-    for name in filter(None, (part.strip() for part in raw.split(","))):
-        try:
-            found.append(gen.GenerationStatus.Value(STATUS_PREFIX + name.upper()))
-        except ValueError:
-            raise InvalidArgument.field("status", f"unknown status {name[:40]!r}") from None
+    for name in filter(None, (part.strip() for value in values for part in value.split(","))):
+        status = STATUS_VALUES.get(name.lower())
+        if status is None:
+            known = ", ".join(STATUS_VALUES)
+            raise InvalidArgument.field("status", f"unknown status {name[:40]!r} (known: {known})")
+        found.append(status)
     return found

@@ -190,7 +190,12 @@ def _paths() -> JsonDict:
                 [
                     _query("page_size", {"type": "integer", "minimum": 0}, "at most 1000"),
                     _query("page_token", {"type": "string"}, "next_page_token of a page"),
-                    _query("status", {"type": "string"}, "comma-separated, e.g. queued,running"),
+                    _query(
+                        "status",
+                        {"type": "string"},
+                        "any of these statuses: comma-separated, repeated, or both"
+                        " (status=queued,running&status=dispatched)",
+                    ),
                     _query("template", {"type": "string"}, "only this template"),
                 ],
             ),

@@ -43,6 +43,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STUB = web.AppKey("stub", gen_grpc.GenerationServiceStub)
 CHANNEL = web.AppKey("channel", grpc.aio.Channel)
 OPENAPI = web.AppKey("openapi", dict)
+# GenerationService's names of fields this request gave under other HTTP
+# names: its refusals are renamed to what the caller sent.
+FIELD_NAMES = web.RequestKey[dict[str, str]]("field_names")
 
 
 def _stub(request: web.Request) -> gen_grpc.GenerationServiceStub:
@@ -90,12 +93,21 @@ async def measured(request: web.Request, handler: Handler) -> web.StreamResponse
     return response
 
 
+def _renamed(error: LocknError, names: dict[str, str]) -> LocknError:
+    """`error` with its field violations under the HTTP names in `names`."""
+    if not names or not isinstance(error, InvalidArgument):
+        return error
+    violations = [(names.get(field, field), why) for field, why in error.violations]
+    return InvalidArgument(violations, reason=error.reason, metadata=error.metadata)
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except grpc.aio.AioRpcError as rpc:
-        return error_response(from_rpc_error(rpc), HTTP_STATUS.get(rpc.code(), 502))
+        error = _renamed(from_rpc_error(rpc), request.get(FIELD_NAMES, {}))
+        return error_response(error, HTTP_STATUS.get(rpc.code(), 502))
     except InvalidArgument as error:
         return error_response(error, 400)
     except web.RequestPayloadError:
@@ -159,7 +171,7 @@ async def list_generations(request: web.Request) -> web.Response:
         gen.ListGenerationsRequest(
             page_size=size,
             page_token=request.query.get("page_token", ""),
-            statuses=convert.statuses(request.query.get("status", "")),
+            statuses=convert.statuses(request.query.getall("status", [])),
             template=request.query.get("template", ""),
         ),
         metadata=_metadata(request),
@@ -223,8 +235,13 @@ async def image(request: web.Request) -> web.StreamResponse:
 
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the snapshot, then each event; resume with Last-Event-ID."""
-    last = request.headers.get("Last-Event-ID") or request.query.get("after", "0")
-    after = _natural(last, "Last-Event-ID", 2**63 - 1)
+    # Refusals name whichever of the two the caller gave; the header wins.
+    if request.headers.get("Last-Event-ID"):
+        given, last = "Last-Event-ID", request.headers["Last-Event-ID"]
+    else:
+        given, last = "after", request.query.get("after", "0")
+    after = _natural(last, given, 2**63 - 1)
+    request[FIELD_NAMES] = {"after_sequence": given}
     call = _stub(request).WatchGeneration(
         gen.WatchGenerationRequest(id=request.match_info["id"], after_sequence=after),
         metadata=_metadata(request),

@@ -176,3 +176,25 @@ async def test_a_client_hanging_up_mid_stream_ends_the_watch_quietly(
     assert streams_ended() == before + 1
     async with gateway.post(f"/api/generations/{created['id']}/cancel") as cancelled:
         assert cancelled.status == 200
+
+
+async def test_listing_takes_repeated_and_comma_separated_statuses(
+    gateway: aiohttp.ClientSession, generation_service: GenerationClient
+) -> None:
+    completed = await create(gateway)
+    await generation_service.wait(completed["id"])
+    generation_service.simulator.sim.set_step_seconds(0.2)
+    cancelled = await create(gateway, steps=50)
+    async with gateway.post(f"/api/generations/{cancelled['id']}/cancel") as reply:
+        assert reply.status == 200
+    both = {completed["id"], cancelled["id"]}
+    queries = {
+        "status=completed": {completed["id"]},
+        "status=cancelled&status=completed": both,
+        "status=queued,cancelled&status=completed": both,
+        "status=queued&status=running": set(),
+    }
+    for query, expected in queries.items():
+        async with gateway.get(f"/api/generations?{query}") as reply:
+            listed = (await reply.json()).get("generations", [])
+        assert {g["id"] for g in listed} == expected, query

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.gateway.calls import create
 from tests.gateway.conftest import ServerErrors
 
 JSON = {"Content-Type": "application/json"}
@@ -66,3 +67,23 @@ async def test_a_create_that_is_not_json_is_a_415_and_creates_nothing(
     with_charset = {"Content-Type": "application/json; charset=utf-8"}
     async with gateway.post("/api/generations", data=text, headers=with_charset) as reply:
         assert reply.status == 202, await reply.text()
+
+
+async def test_refusals_name_the_query_parameter_or_header_the_caller_used(
+    gateway: aiohttp.ClientSession,
+) -> None:
+    created = await create(gateway)
+    events = f"/api/generations/{created['id']}/events"
+    beyond = str(10**6)  # past the last event: GenerationService refuses it
+    cases: list[tuple[str, dict[str, str], str]] = [
+        ("/api/generations?status=unspecified", {}, "status"),
+        ("/api/generations?status=queued&status=unspecified", {}, "status"),
+        (f"{events}?after=abc", {}, "after"),
+        (f"{events}?after={beyond}", {}, "after"),
+        (events, {"Last-Event-ID": "abc"}, "Last-Event-ID"),
+        (events, {"Last-Event-ID": beyond}, "Last-Event-ID"),
+    ]
+    for target, headers, field in cases:
+        async with gateway.get(target, headers=headers) as reply:
+            error = await refusal(reply, 400)
+            assert [v["field"] for v in error["field_violations"]] == [field], target
