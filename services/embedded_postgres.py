@@ -2,7 +2,9 @@
 
 Used by the test suite when no server answers and by `make demo` when no
 DATABASE_URL is given. PostgreSQL refuses to run as root, so as root the
-server runs as the `postgres` user (via runuser) in a folder it owns.
+server runs as the `postgres` user (via runuser) in a folder it owns. A
+failure is a RuntimeError whose text is one line: the server's own reason
+from its log, not pg_ctl's "Examine the log output".
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import glob
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -24,6 +27,8 @@ import asyncpg
 
 SERVER_USER = "postgres"
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+# "2026-12-08 01:26:15.610 UTC [25530] FATAL:  lock file ..." -> "FATAL: lock file ..."
+LOG_PREFIX = re.compile(r"^\S+ \S+ \S+ \[\d+\] ")
 
 
 def find_binaries() -> Path:
@@ -55,13 +60,61 @@ class EmbeddedPostgres:
     def dsn(self) -> str:
         return f"postgresql://{SERVER_USER}@127.0.0.1:{self.port}/postgres"
 
-    def _run(self, *args: str) -> None:
+    @property
+    def log(self) -> Path:
+        return self.root / "server.log"
+
+    def _run(self, action: str, *args: str) -> None:
         command = [str(self.bin / args[0]), *args[1:]]
         if os.geteuid() == 0:
             command = ["runuser", "-u", SERVER_USER, "--", *command]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        logged = self.log.stat().st_size if self.log.exists() else 0
+        ran = subprocess.run(command, check=False, capture_output=True, text=True)
+        if ran.returncode != 0:
+            # pg_ctl start says only "Examine the log output": the reason is what
+            # the server wrote to its log during this attempt.
+            said = _tail(_read_from(self.log, logged)) if action == "start" else ""
+            said = said or _tail(ran.stderr) or _tail(ran.stdout)
+            raise RuntimeError(f"PostgreSQL {action} failed: {said} (see {self.log})")
+
+    def running_pid(self) -> int | None:
+        """The pid of a server running on this data folder, from its postmaster.pid.
+
+        None when the file is missing or stale: a pid that is gone, or (where /proc
+        tells) reused by a process that is not a postmaster of this folder.
+        """
+        try:
+            pid = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, and another user's
+        try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            return pid if not Path("/proc/self").exists() else None
+        except OSError:
+            return pid
+        return pid if os.fsencode(str(self.data)) in arguments else None
+
+    def how_to_stop(self, pid: int) -> str:
+        """What a user can type to stop the server `pid` running on this folder."""
+        command = f"{self.bin / 'pg_ctl'} -D {self.data} stop"
+        if os.geteuid() == 0:
+            command = f"runuser -u {SERVER_USER} -- {command}"
+        return f"stop it with `{command}` (as the user it runs as) or `kill {pid}`"
 
     def start(self) -> str:
+        running = self.running_pid()
+        if running is not None:
+            raise RuntimeError(
+                f"a PostgreSQL server (pid {running}) already runs in {self.data};"
+                f" {self.how_to_stop(running)}"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             user = pwd.getpwnam(SERVER_USER)
@@ -69,7 +122,9 @@ class EmbeddedPostgres:
                 os.chown(path, user.pw_uid, user.pw_gid)
         if not (self.data / "PG_VERSION").exists():
             self._run(
-                "initdb", "-D", str(self.data), "-U", SERVER_USER, "-A", "trust", "-E", "UTF8"
+                "initdb",
+                *("initdb", "-D", str(self.data), "-U", SERVER_USER),
+                *("-A", "trust", "-E", "UTF8"),
             )
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
@@ -77,11 +132,12 @@ class EmbeddedPostgres:
             " -c max_connections=300"
         )
         self._run(
+            "start",
             "pg_ctl",
             "-D",
             str(self.data),
             "-l",
-            str(self.root / "server.log"),
+            str(self.log),
             "-o",
             options,
             "-w",
@@ -100,11 +156,28 @@ class EmbeddedPostgres:
                 return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"embedded PostgreSQL did not start; see {self.root / 'server.log'}")
+        raise RuntimeError(f"embedded PostgreSQL did not start; see {self.log}")
 
     def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        # A postmaster.pid left by a crash names no server: nothing to stop, and
+        # the next start replaces it.
+        if self.running_pid() is not None:
+            self._run("stop", "pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    """The last few lines of `text` as one, without log prefixes or doubled spaces."""
+    kept = [LOG_PREFIX.sub("", line).strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(" ".join(line.split()) for line in kept[-lines:])
 
 
 def answers(dsn: str) -> bool:
