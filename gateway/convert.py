@@ -12,7 +12,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from services.contracts import gen
-from services.errors import InvalidArgument
+from services.errors import InvalidArgument, clip
 
 STATUS_PREFIX = "GENERATION_STATUS_"
 # Enum names HTTP clients see lower-cased and without their prefix.
@@ -24,6 +24,11 @@ STATUS_VALUES = {
     for name, value in gen.GenerationStatus.items()
     if value != gen.GENERATION_STATUS_UNSPECIFIED
 }
+# JSON types as a refusal names them.
+KIND_NAMES = {int: "an integer", str: "a string", bool: "a boolean"}
+# The most of the caller's own text (a key, a name) a refusal quotes, in
+# UTF-8 bytes: a 200 KB key must not make a 400 KB answer.
+ECHO_BYTES = 40
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -52,7 +57,9 @@ def parameter(name: str, value: Any) -> gen.ParameterValue:
         return gen.ParameterValue(bool_value=value)
     if isinstance(value, int):
         if not -(2**63) <= value < 2**63:
-            raise InvalidArgument.field(f"parameters.{name}", "integer out of the 64-bit range")
+            raise InvalidArgument.field(
+                f"parameters.{clip(name, ECHO_BYTES)}", "integer out of the 64-bit range"
+            )
         return gen.ParameterValue(int_value=value)
     if isinstance(value, float):
         return gen.ParameterValue(number_value=value)
@@ -61,7 +68,8 @@ def parameter(name: str, value: Any) -> gen.ParameterValue:
     if isinstance(value, dict) and set(value) == {"image"} and isinstance(value["image"], str):
         return gen.ParameterValue(image_name=value["image"])
     raise InvalidArgument.field(
-        f"parameters.{name}", 'a string, number, boolean or {"image": "<input image name>"}'
+        f"parameters.{clip(name, ECHO_BYTES)}",
+        'a string, number, boolean or {"image": "<input image name>"}',
     )
 
 
@@ -72,7 +80,7 @@ def create_request(body: Any) -> gen.CreateGenerationRequest:
     unknown = sorted(set(body) - known)
     if unknown:
         raise InvalidArgument.field(
-            unknown[0], f"unknown field (known: {', '.join(sorted(known))})"
+            clip(unknown[0], ECHO_BYTES), f"unknown field (known: {', '.join(sorted(known))})"
         )
     request = gen.CreateGenerationRequest(
         template=_typed(body, "template", str, "sd15-txt2img"),
@@ -108,7 +116,7 @@ def _typed(
 ) -> Any:
     value = body.get(key, default)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise InvalidArgument.field(key, f"must be a {kind.__name__}")
+        raise InvalidArgument.field(key, f"must be {KIND_NAMES[kind]}")
     if bounds is not None and isinstance(value, int) and not bounds[0] <= value <= bounds[1]:
         raise InvalidArgument.field(key, f"between {bounds[0]} and {bounds[1]}")
     return value
@@ -122,6 +130,7 @@ def statuses(values: Iterable[str]) -> list[gen.GenerationStatus.ValueType]:
         status = STATUS_VALUES.get(name.lower())
         if status is None:
             known = ", ".join(STATUS_VALUES)
-            raise InvalidArgument.field("status", f"unknown status {name[:40]!r} (known: {known})")
+            quoted = clip(name, ECHO_BYTES)
+            raise InvalidArgument.field("status", f"unknown status {quoted!r} (known: {known})")
         found.append(status)
     return found

@@ -144,7 +144,9 @@ async def _json_body(request: web.Request) -> Any:
         # "\ud800" escapes decode to lone surrogates, which no protobuf string takes.
         json.dumps(body, ensure_ascii=False).encode()
     except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidArgument.field("body", "not UTF-8 JSON, or nested too deeply") from None
+        raise InvalidArgument.field(
+            "body", "not UTF-8 JSON, nested too deeply, or with a number too long"
+        ) from None
     return body
 
 

@@ -87,3 +87,30 @@ async def test_refusals_name_the_query_parameter_or_header_the_caller_used(
         async with gateway.get(target, headers=headers) as reply:
             error = await refusal(reply, 400)
             assert [v["field"] for v in error["field_violations"]] == [field], target
+
+
+async def test_refusal_messages_read_naturally_and_stay_short(
+    gateway: aiohttp.ClientSession,
+) -> None:
+    long_name = "x" * 200_000
+    cases: list[tuple[bytes, str, str]] = [
+        (json.dumps({**BODY, "priority": "high"}).encode(), "priority", "must be an integer"),
+        (json.dumps({**BODY, "request_id": 7}).encode(), "request_id", "must be a string"),
+        (json.dumps({**BODY, long_name: 1}).encode(), "xxxx", "unknown field"),
+        (
+            json.dumps({**BODY, "parameters": {long_name: [1]}}).encode(),
+            "parameters.xxxx",
+            "a string, number, boolean",
+        ),
+        (b'{"priority": 1' + b"0" * 5000 + b"}", "body", "number"),
+    ]
+    for body, field, description in cases:
+        async with gateway.post("/api/generations", data=body, headers=JSON) as reply:
+            raw = await reply.read()
+            error = await refusal(reply, 400)
+        # The caller's text is quoted cut short, never in full.
+        assert len(raw) < 2000, raw[:200]
+        [violation] = error["field_violations"]
+        assert violation["field"].startswith(field) and len(violation["field"]) <= 60
+        assert description in violation["description"], violation
+    await assert_nothing_created(gateway)
