@@ -18,7 +18,7 @@ import grpc
 
 from services import event_loop
 from services.database import DatabaseUnreachable, connect, migrate, pending
-from services.errors import LocknError
+from services.errors import LocknError, NotFound, from_rpc_error
 from services.log import configure_logging
 from services.settings import Settings, SettingsError, load_settings
 
@@ -52,9 +52,18 @@ async def _probe(settings: Settings, args: argparse.Namespace) -> None:
     from services.grpc_server import open_channel
 
     async with open_channel(args.address, tls=settings.tls) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-        )
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            # The health service answers an unknown name with no message at all.
+            raise NotFound(
+                f"{args.address} reports no health for service {args.service!r}",
+                reason=error.code().name,
+            ) from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
@@ -137,11 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except grpc.RpcError as error:
-        print(f"lockn-gen: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 2
-    except LocknError as error:
-        print(f"error: {error.reason}: {error.message}", file=sys.stderr)
+    except (grpc.RpcError, LocknError) as caught:
+        # A refusal from a server reads like one of ours: its stable reason, once.
+        failure = caught if isinstance(caught, LocknError) else from_rpc_error(caught)
+        print(f"error: {failure.reason}: {failure.message}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
 

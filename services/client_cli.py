@@ -1,23 +1,23 @@
 """The client subcommands of `lockn-gen`: generate (with live progress), list,
 get, cancel, templates, stats. They talk gRPC to LOCKN_GENERATION_ADDRESS with
-LOCKN_CLIENT_TOKEN; `--json` prints machine-readable output for scripts."""
+LOCKN_CLIENT_TOKEN; `--json` prints machine-readable output for scripts. A
+refusal from the service, a bad argument or a generation that fails while
+watched ends the command through `services.cli.main`, which prints the one
+line `error: REASON: message` and exits with status 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import grpc
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 from gateway.convert import parameter, statuses, to_json
 from services.contracts import gen, gen_grpc
-from services.errors import from_rpc_error
 from services.grpc_server import bearer, open_channel
 from services.settings import Settings
 
@@ -195,25 +195,10 @@ async def stats(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(run: Any) -> Any:
-    """Errors from the service as one line, not a traceback."""
-
-    async def call(settings: Settings, args: argparse.Namespace) -> int:
-        try:
-            result: int = await run(settings, args)
-            return result
-        except grpc.aio.AioRpcError as rpc:
-            error = from_rpc_error(rpc)
-            print(f"error: {rpc.code().name} {error.reason}: {error.message}", file=sys.stderr)
-            return 2
-
-    return call
-
-
 def _command(commands: Any, name: str, text: str, handler: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(name, help=text)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.set_defaults(run=_guarded(handler))
+    parser.set_defaults(run=handler)
     return parser
 
 

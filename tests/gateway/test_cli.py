@@ -47,10 +47,22 @@ async def test_generate_prints_the_image_path_and_json_for_scripts(
     assert json.loads(out)["workers"][0]["serving"] is True
 
 
-async def test_errors_are_one_line_with_the_reason(generation_service: GenerationClient) -> None:
-    code, _out, err = await lockn(generation_service, "generate", "x", "--param", "steps=0")
-    assert code == 2
-    assert err.strip().splitlines()[-1].startswith("error: INVALID_ARGUMENT")
-    assert "parameters.steps" in err
+async def test_errors_are_one_line_with_the_reason_once(
+    generation_service: GenerationClient,
+) -> None:
+    code, out, err = await lockn(generation_service, "generate", "x", "--param", "steps=0")
+    [line] = err.splitlines()
+    assert (code, out) == (2, "")
+    assert line.startswith("error: INVALID_ARGUMENT: parameters.steps: "), line
     code, _, err = await lockn(generation_service, "cancel", "not-an-id")
-    assert code == 2 and "id" in err
+    [line] = err.splitlines()
+    assert code == 2 and line.startswith("error: INVALID_ARGUMENT: id: "), line
+
+
+async def test_probe_of_an_unknown_service_names_it(generation_service: GenerationClient) -> None:
+    address = f"127.0.0.1:{generation_service.running.port}"
+    code, out, err = await lockn(
+        generation_service, "probe", "--address", address, "--service", "nope"
+    )
+    assert (code, out) == (2, "")
+    assert err == f"error: NOT_FOUND: {address} reports no health for service 'nope'\n"
