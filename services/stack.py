@@ -3,7 +3,9 @@
 The demo, the benchmarks and the fault-injection tests all need the same
 thing: start the simulator, workers, GenerationService replicas and the
 gateway as real processes (so they can be measured and SIGKILLed), wait until
-each answers its health check, and never leave one behind.
+each answers its health check, and never leave one behind. Each running part
+has a record beside its log (`<name>.pid`), so that what a stack killed
+before it could stop its parts left running can be found and stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from services.embedded_postgres import free_port
 from services.grpc_server import open_channel
 
 START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
 
 
 @dataclass
@@ -70,9 +73,15 @@ class LocalStack:
             start_new_session=True,
         )
         log.close()
+        started = _start_time(process.pid)
+        if started is not None:
+            self._record(name).write_text(f"{process.pid} {started}\n")
         part = Part(name, process, address, ready_path)
         self.parts[name] = part
         return part
+
+    def _record(self, name: str) -> Path:
+        return self.logs / f"{name}.pid"
 
     def env(self, **settings: str) -> dict[str, str]:
         """The inherited environment with LockN settings replaced by `settings`."""
@@ -93,38 +102,52 @@ class LocalStack:
         args += flags
         return self.start(name, args, self.env(), f"http://127.0.0.1:{port}", "/system_stats")
 
+    # Each service listens on a free port with its metrics off, unless `settings`
+    # (LOCKN_* variables, which win) say otherwise.
+
     def start_worker(self, name: str, comfy_url: str, port: int = 0, **settings: str) -> Part:
-        port = port or free_port()
-        env = self.env(
-            LOCKN_COMFYUI__BASE_URL=comfy_url,
-            LOCKN_WORKER_LISTEN=f"127.0.0.1:{port}",
-            LOCKN_WORKER_METRICS_PORT="0",
-            **settings,
-        )
-        return self.start(name, ["comfy-worker"], env, f"127.0.0.1:{port}")
+        defaults = {
+            "LOCKN_COMFYUI__BASE_URL": comfy_url,
+            "LOCKN_WORKER_LISTEN": f"127.0.0.1:{port or free_port()}",
+            "LOCKN_WORKER_METRICS_PORT": "0",
+        }
+        return self._start_service(name, "comfy-worker", "WORKER", {**defaults, **settings})
 
     def start_generation(
         self, name: str, database_url: str, workers: list[Part], **settings: str
     ) -> Part:
-        port = free_port()
-        env = self.env(
-            LOCKN_DATABASE_URL=database_url,
-            LOCKN_GENERATION_LISTEN=f"127.0.0.1:{port}",
-            LOCKN_WORKERS=json.dumps([{"name": w.name, "address": w.address} for w in workers]),
-            LOCKN_GENERATION_METRICS_PORT="0",
-            **settings,
+        defaults = {
+            "LOCKN_DATABASE_URL": database_url,
+            "LOCKN_GENERATION_LISTEN": f"127.0.0.1:{free_port()}",
+            "LOCKN_WORKERS": json.dumps([{"name": w.name, "address": w.address} for w in workers]),
+            "LOCKN_GENERATION_METRICS_PORT": "0",
+        }
+        return self._start_service(
+            name, "generation-service", "GENERATION", {**defaults, **settings}
         )
-        return self.start(name, ["generation-service"], env, f"127.0.0.1:{port}")
 
     def start_gateway(self, generation: Part, **settings: str) -> Part:
-        port = free_port()
-        env = self.env(
-            LOCKN_GATEWAY_LISTEN=f"127.0.0.1:{port}",
-            LOCKN_GENERATION_ADDRESS=generation.address,
-            LOCKN_GATEWAY_METRICS_PORT="0",
-            **settings,
+        defaults = {
+            "LOCKN_GATEWAY_LISTEN": f"127.0.0.1:{free_port()}",
+            "LOCKN_GENERATION_ADDRESS": generation.address,
+            "LOCKN_GATEWAY_METRICS_PORT": "0",
+        }
+        return self._start_service(
+            "gateway", "gateway", "GATEWAY", {**defaults, **settings}, "http://", "/readyz"
         )
-        return self.start("gateway", ["gateway"], env, f"http://127.0.0.1:{port}", "/readyz")
+
+    def _start_service(
+        self,
+        name: str,
+        command: str,
+        service: str,
+        settings: dict[str, str],
+        scheme: str = "",
+        ready_path: str = "",
+    ) -> Part:
+        env = self.env(**settings)
+        address = scheme + dialable(env[f"LOCKN_{service}_LISTEN"])
+        return self.start(name, [command], env, address, ready_path)
 
     def check_alive(self) -> None:
         for part in self.parts.values():
@@ -140,14 +163,15 @@ class LocalStack:
         part = self.parts.pop(name)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(part.process.pid, sig)
-        part.process.wait(15)
+        part.process.wait(STOP_TIMEOUT)
+        self._record(name).unlink(missing_ok=True)
 
     def stop(self) -> None:
         parts = list(reversed(self.parts.values()))
         for part in parts:
             if part.process.poll() is None:
                 part.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + STOP_TIMEOUT
         for part in parts:
             try:
                 part.process.wait(max(0.1, deadline - time.monotonic()))
@@ -155,6 +179,7 @@ class LocalStack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(part.process.pid, signal.SIGKILL)
                 part.process.wait()
+            self._record(part.name).unlink(missing_ok=True)
         self.parts.clear()
 
     async def wait_serving(self, part: Part, timeout: float = START_TIMEOUT) -> None:
@@ -168,6 +193,55 @@ class LocalStack:
         raise RuntimeError(
             f"{part.name} was not ready within {timeout:.0f} s; see {self.log_of(part)}"
         )
+
+
+def stop_leftovers(logs: Path) -> list[str]:
+    """Stop the parts a stack that was killed left running, from their records in
+    `logs`; the names of those stopped. A record whose pid now belongs to another
+    process (its start time differs) is only removed."""
+    leftovers: dict[str, tuple[int, str]] = {}
+    records = sorted(logs.glob("*.pid"))
+    for record in records:
+        number, _, started = record.read_text().strip().partition(" ")
+        if number.isdigit() and _start_time(int(number)) == started:
+            leftovers[record.stem] = (int(number), started)
+
+    def alive() -> list[int]:
+        return [pid for pid, started in leftovers.values() if _start_time(pid) == started]
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    for record in records:
+        record.unlink(missing_ok=True)
+    return list(leftovers)
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), which with
+    the pid names one process for good; None once it is gone or a zombie, or
+    where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name, in parentheses, may hold spaces: count fields after it.
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def dialable(listen: str) -> str:
+    """The address a client on this machine dials for a server listening on `listen`."""
+    host, _, port = listen.rpartition(":")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host in ("[::]", "::"):
+        host = "[::1]"
+    return f"{host}:{port}"
 
 
 async def _ready(part: Part) -> bool:
