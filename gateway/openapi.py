@@ -133,7 +133,7 @@ def _json(schema: JsonDict, description: str) -> JsonDict:
 def _errors(*codes: int) -> JsonDict:
     meanings = {
         400: "invalid input; the field is named",
-        401: "no or unknown bearer token",
+        401: "no bearer token, or not a valid one (WWW-Authenticate: Bearer)",
         404: "no such generation (or not the caller's)",
         409: "not possible in the generation's state",
         413: "request body too large",

@@ -21,7 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway import convert, openapi
 from services import collector, metrics
 from services.contracts import gen, gen_grpc
-from services.errors import InvalidArgument, LocknError, ResourceExhausted, from_rpc_error
+from services.errors import (
+    InvalidArgument,
+    LocknError,
+    ResourceExhausted,
+    Unauthenticated,
+    from_rpc_error,
+)
 from services.grpc_server import open_channel
 from services.log import get_logger
 from services.settings import Settings
@@ -54,9 +60,10 @@ def _stub(request: web.Request) -> gen_grpc.GenerationServiceStub:
 
 def _metadata(request: web.Request) -> list[tuple[str, str]]:
     header = request.headers.get("Authorization", "")
-    # gRPC metadata carries printable ASCII only; anything else cannot be a token.
+    # gRPC metadata carries printable ASCII only: anything else cannot be a
+    # token, and is refused as an unknown token is.
     if not (header.isascii() and header.isprintable()):
-        raise InvalidArgument.field("Authorization", "printable ASCII: Bearer <token>")
+        raise Unauthenticated("a valid bearer token is required (printable ASCII)")
     return [("authorization", header)] if header else []
 
 
@@ -78,6 +85,9 @@ def error_response(error: LocknError, status: int) -> web.Response:
     headers = {}
     if isinstance(error, ResourceExhausted):
         headers["Retry-After"] = str(max(1, round(error.retry_after_seconds)))
+    if status == 401:
+        # RFC 9110: a 401 names the scheme that would authenticate.
+        headers["WWW-Authenticate"] = "Bearer"
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -108,8 +118,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except grpc.aio.AioRpcError as rpc:
         error = _renamed(from_rpc_error(rpc), request.get(FIELD_NAMES, {}))
         return error_response(error, HTTP_STATUS.get(rpc.code(), 502))
-    except InvalidArgument as error:
-        return error_response(error, 400)
+    except LocknError as error:
+        # The gateway's own refusals, by the same status table as the service's.
+        return error_response(error, HTTP_STATUS.get(error.code, 500))
     except web.RequestPayloadError:
         # A body that does not decompress as its Content-Encoding says, or ends
         # early. aiohttp's parser has lost its place in the connection, so it
