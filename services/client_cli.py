@@ -8,9 +8,11 @@ line `error: REASON: message` and exits with status 2."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -18,6 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from gateway.convert import parameter, statuses, to_json
 from services.contracts import gen, gen_grpc
+from services.errors import InvalidArgument
 from services.grpc_server import bearer, open_channel
 from services.settings import Settings
 
@@ -26,6 +29,8 @@ TERMINAL = {
     gen.GENERATION_STATUS_FAILED,
     gen.GENERATION_STATUS_CANCELLED,
 }
+# ParameterSpec.type values whose --param text is the value itself.
+TEXT_TYPES = {gen.PARAMETER_TYPE_STRING, gen.PARAMETER_TYPE_ENUM}
 
 
 @asynccontextmanager
@@ -37,32 +42,13 @@ async def _client(
         yield gen_grpc.GenerationServiceStub(channel), bearer(token)
 
 
-def _value(text: str) -> Any:
-    """`--param k=v`: JSON when it parses (numbers, booleans), else the text as is."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    return value if isinstance(value, (int, float, bool)) else text
-
-
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2) if args.json else text)
 
 
 async def generate(settings: Settings, args: argparse.Namespace) -> int:
-    values: dict[str, Any] = {"prompt": args.prompt}
-    for pair in args.param:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--param {pair!r}: expected key=value")
-        values[key] = _value(value)
-    request = gen.CreateGenerationRequest(
-        template=args.template, priority=args.priority, request_id=args.request_id or ""
-    )
-    for name, value in values.items():
-        request.parameters[name].CopyFrom(parameter(name, value))
     async with _client(settings) as (stub, metadata):
+        request = await _create_request(stub, metadata, args)
         created = (await stub.CreateGeneration(request, metadata=metadata)).generation
         if not args.watch:
             _print(args, to_json(created), f"{created.id} {_where(created)}")
@@ -78,6 +64,95 @@ async def generate(settings: Settings, args: argparse.Namespace) -> int:
             f"{gen.GenerationStatus.Name(final.status)}: {final.error.reason} {final.error.message}"
         )
     return 0 if final.status == gen.GENERATION_STATUS_COMPLETED else 1
+
+
+async def _create_request(
+    stub: gen_grpc.GenerationServiceStub,
+    metadata: list[tuple[str, str]],
+    args: argparse.Namespace,
+) -> gen.CreateGenerationRequest:
+    """The request the arguments describe; each parameter given once (the
+    prompt argument, --image and --param all name parameters)."""
+    request = gen.CreateGenerationRequest(
+        template=args.template,
+        priority=args.priority,
+        request_id=args.request_id or "",
+    )
+    given: dict[str, str] = {}
+
+    def put(name: str, value: gen.ParameterValue, source: str) -> None:
+        if name in given:
+            raise InvalidArgument.field(
+                f"parameters.{name}", f"given twice, as {given[name]} and as {source}; give one"
+            )
+        given[name] = source
+        request.parameters[name].CopyFrom(value)
+
+    if args.prompt is not None:
+        put("prompt", gen.ParameterValue(string_value=args.prompt), "the PROMPT argument")
+    for text in args.image:
+        name, path = _pair("--image", text)
+        try:
+            data = await asyncio.to_thread(Path(path).read_bytes)
+        except OSError as error:
+            raise InvalidArgument.field("--image", f"{path}: {error.strerror}") from None
+        request.input_images.append(gen.InputImage(name=name, data=data))
+        put(name, gen.ParameterValue(image_name=name), f"--image {text}")
+    if args.param:
+        specs = await _parameter_specs(stub, metadata, args.template)
+        for text in args.param:
+            name, value = _pair("--param", text)
+            put(name, _typed(name, value, specs.get(name)), f"--param {text}")
+    return request
+
+
+def _pair(option: str, text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise InvalidArgument.field(option, f"{text!r}: expected NAME=VALUE")
+    return name, value
+
+
+async def _parameter_specs(
+    stub: gen_grpc.GenerationServiceStub, metadata: list[tuple[str, str]], template: str
+) -> dict[str, gen.ParameterSpec]:
+    """The template's declared parameters by name; none for an unknown template
+    (CreateGeneration then names it)."""
+    reply = await stub.ListTemplates(gen.ListTemplatesRequest(), metadata=metadata)
+    for found in reply.templates:
+        if found.name == template:
+            return {spec.name: spec for spec in found.parameters}
+    return {}
+
+
+def _typed(name: str, text: str, spec: gen.ParameterSpec | None) -> gen.ParameterValue:
+    """`--param NAME=TEXT` as the template declares NAME. Text that is not of
+    the declared type, or a parameter the template does not declare, goes as
+    its guessed JSON type, for GenerationService to refuse naming the field."""
+    kind = spec.type if spec is not None else gen.PARAMETER_TYPE_UNSPECIFIED
+    if kind in TEXT_TYPES:
+        return gen.ParameterValue(string_value=text)
+    if kind == gen.PARAMETER_TYPE_IMAGE:
+        return gen.ParameterValue(image_name=text)
+    if kind == gen.PARAMETER_TYPE_BOOLEAN and text.lower() in ("true", "false"):
+        return gen.ParameterValue(bool_value=text.lower() == "true")
+    try:
+        if kind == gen.PARAMETER_TYPE_INTEGER:
+            return gen.ParameterValue(int_value=int(text))
+        if kind == gen.PARAMETER_TYPE_NUMBER:
+            return gen.ParameterValue(number_value=float(text))
+    except ValueError:  # not a number, or outside int64
+        pass
+    return parameter(name, _guess(text))
+
+
+def _guess(text: str) -> Any:
+    """JSON when it parses as a number or boolean, else the text as is."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (int, float, bool)) else text
 
 
 async def _follow(
@@ -204,9 +279,16 @@ def _command(commands: Any, name: str, text: str, handler: Any) -> argparse.Argu
 
 def register(commands: Any) -> None:
     sub = _command(commands, "generate", "create a generation and follow it", generate)
-    sub.add_argument("prompt")
+    sub.add_argument("prompt", nargs="?", help="the prompt parameter (for templates that take one)")
     sub.add_argument("--template", default="sd15-txt2img")
-    sub.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    sub.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="upload the image file PATH as the image parameter NAME; repeatable",
+    )
     sub.add_argument("--priority", type=int, default=0)
     sub.add_argument("--request-id")
     sub.add_argument("--watch", action=argparse.BooleanOptionalAction, default=True)
