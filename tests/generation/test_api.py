@@ -547,7 +547,7 @@ async def test_the_per_caller_queue_limit_is_resource_exhausted(
     assert worker.in_use == 1  # the running one: a refused create keeps no slot
     # At the limit, a request sent again still gets its generation back.
     again = await client.stub.CreateGeneration(
-        request(prompt="q2", steps=1, request_id="q2"), metadata=client.metadata
+        request(prompt="q2", steps=1, seed=1, request_id="q2"), metadata=client.metadata
     )
     assert not again.created and again.generation.id == q2.id
     assert again.generation.queue_position == 2
