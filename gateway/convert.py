@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from services.contracts import gen
@@ -32,11 +33,48 @@ ECHO_BYTES = 40
 
 
 def to_json(message: Message) -> dict[str, Any]:
+    """`message` as the HTTP API answers it: every field written, zero values
+    and empty lists included (a client reads `index: 0`, not a missing key),
+    and parameter values in the plain shape requests give them."""
     data = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=False
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    _plain_parameters(message, data)
     lowered: dict[str, Any] = _lower_enums(data)
     return lowered
+
+
+def _plain_parameters(message: Message, data: dict[str, Any]) -> None:
+    """Rewrites, in place, every ParameterValue in `data` (json_format's
+    rendering of `message`) as `parameter_json` writes it."""
+    for field, value in message.ListFields():
+        rendered = data[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            entry = field.message_type.fields_by_name["value"]
+            data[field.name] = {k: _plain(entry, value[k], v) for k, v in rendered.items()}
+        elif field.is_repeated:
+            data[field.name] = [_plain(field, m, v) for m, v in zip(value, rendered, strict=True)]
+        else:
+            data[field.name] = _plain(field, value, rendered)
+
+
+def _plain(field: FieldDescriptor, value: Any, data: Any) -> Any:
+    if field.message_type is gen.ParameterValue.DESCRIPTOR:
+        return parameter_json(value)
+    # Well-known types (Timestamp) are rendered as strings, with nothing inside.
+    if field.message_type is not None and isinstance(data, dict):
+        _plain_parameters(value, data)
+    return data
+
+
+def parameter_json(value: gen.ParameterValue) -> Any:
+    """A parameter's value as a request gives it (see `parameter`)."""
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "image_name":
+        return {"image": value.image_name}
+    return getattr(value, kind)
 
 
 def _lower_enums(value: Any) -> Any:

@@ -55,6 +55,19 @@ ERROR: JsonDict = {
         }
     },
 }
+# A parameter's value, in requests and answers alike (convert.parameter_json).
+PARAMETER_VALUE: JsonDict = {
+    "description": 'A string, number or boolean; {"image": name} names an input image.',
+    "oneOf": [
+        {"type": ["string", "number", "boolean"]},
+        {
+            "type": "object",
+            "required": ["image"],
+            "properties": {"image": {"type": "string"}},
+            "additionalProperties": False,
+        },
+    ],
+}
 CREATE_BODY: JsonDict = {
     "type": "object",
     "additionalProperties": False,
@@ -62,18 +75,8 @@ CREATE_BODY: JsonDict = {
         "template": {"type": "string", "default": "sd15-txt2img"},
         "parameters": {
             "type": "object",
-            "description": 'Values by parameter name; {"image": name} names an input image.',
-            "additionalProperties": {
-                "oneOf": [
-                    {"type": ["string", "number", "boolean"]},
-                    {
-                        "type": "object",
-                        "required": ["image"],
-                        "properties": {"image": {"type": "string"}},
-                        "additionalProperties": False,
-                    },
-                ]
-            },
+            "description": "Values by parameter name.",
+            "additionalProperties": {"$ref": "#/components/schemas/ParameterValue"},
         },
         "priority": {"type": "integer", "default": 0},
         "request_id": {"type": "string", "description": "Idempotency key per caller."},
@@ -102,7 +105,13 @@ MESSAGES: list[Descriptor] = [
 
 
 def document() -> JsonDict:
-    schemas: JsonDict = {"Error": ERROR, "CreateGeneration": CREATE_BODY}
+    # ParameterValue is placed first, so the descriptor's own shape (a oneof
+    # of typed fields) never replaces the plain one the gateway answers with.
+    schemas: JsonDict = {
+        "Error": ERROR,
+        "CreateGeneration": CREATE_BODY,
+        "ParameterValue": PARAMETER_VALUE,
+    }
     for message in MESSAGES:
         _add_message(message, schemas)
     return {

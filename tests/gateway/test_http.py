@@ -82,7 +82,7 @@ async def test_bad_requests_name_the_field(gateway: aiohttp.ClientSession) -> No
     async with gateway.get("/api/generations?status=bogus") as reply:
         assert reply.status == 400
     async with gateway.get("/api/generations") as reply:
-        assert (await reply.json()) == {}  # nothing was created by any bad request
+        assert (await reply.json())["generations"] == []  # no bad request created one
 
 
 async def test_listing_templates_stats_and_health(gateway: aiohttp.ClientSession) -> None:
