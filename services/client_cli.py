@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +22,16 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from gateway.convert import parameter, statuses, to_json
 from services.contracts import gen, gen_grpc
-from services.errors import InvalidArgument
+from services.errors import InvalidArgument, LocknError
 from services.grpc_server import bearer, open_channel
 from services.settings import Settings
 
-TERMINAL = {
-    gen.GENERATION_STATUS_COMPLETED,
-    gen.GENERATION_STATUS_FAILED,
-    gen.GENERATION_STATUS_CANCELLED,
-}
+QUEUED = gen.GENERATION_STATUS_QUEUED
+COMPLETED = gen.GENERATION_STATUS_COMPLETED
+CANCELLED = gen.GENERATION_STATUS_CANCELLED
 # ParameterSpec.type values whose --param text is the value itself.
 TEXT_TYPES = {gen.PARAMETER_TYPE_STRING, gen.PARAMETER_TYPE_ENUM}
+UINT32_MAX = 2**32 - 1
 
 
 @asynccontextmanager
@@ -46,24 +47,46 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2) if args.json else text)
 
 
+def _status(status: gen.GenerationStatus.ValueType) -> str:
+    """`completed`, `queued`, ...: the words the JSON output uses too."""
+    return gen.GenerationStatus.Name(status).removeprefix("GENERATION_STATUS_").lower()
+
+
 async def generate(settings: Settings, args: argparse.Namespace) -> int:
     async with _client(settings) as (stub, metadata):
         request = await _create_request(stub, metadata, args)
         created = (await stub.CreateGeneration(request, metadata=metadata)).generation
         if not args.watch:
-            _print(args, to_json(created), f"{created.id} {_where(created)}")
+            _print(args, to_json(created), f"{created.id} {WatchLine.of(created).description}")
             return 0
-        final = await _follow(stub, metadata, created, quiet=args.json)
+        # On stderr, so that stdout stays the image paths (or the JSON).
+        print(f"generation {created.id}", file=sys.stderr)
+        try:
+            final = await _follow(stub, metadata, created, quiet=args.json)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            # Ctrl-C stops the watch, not the generation: say how to reach it.
+            print(
+                f"stopped watching; generation {created.id} keeps running"
+                f" (lockn-gen cancel {created.id} cancels it)",
+                file=sys.stderr,
+            )
+            raise
     if args.json:
         print(json.dumps(to_json(final), indent=2))
-    elif final.status == gen.GENERATION_STATUS_COMPLETED:
-        for output in final.outputs:
-            print(output.path)
-    else:
-        print(
-            f"{gen.GenerationStatus.Name(final.status)}: {final.error.reason} {final.error.message}"
+    if final.status == COMPLETED:
+        if not args.json:
+            for output in final.outputs:
+                print(output.path)
+        return 0
+    if final.status == CANCELLED:
+        raise LocknError(
+            final.error.message or f"generation {final.id} was cancelled",
+            reason=final.error.reason or "CANCELLED",
         )
-    return 0 if final.status == gen.GENERATION_STATUS_COMPLETED else 1
+    raise LocknError(
+        final.error.message or f"generation {final.id} failed",
+        reason=final.error.reason or "FAILED",
+    )
 
 
 async def _create_request(
@@ -77,6 +100,7 @@ async def _create_request(
         template=args.template,
         priority=args.priority,
         request_id=args.request_id or "",
+        timeout_seconds=args.timeout,
     )
     given: dict[str, str] = {}
 
@@ -155,6 +179,55 @@ def _guess(text: str) -> Any:
     return value if isinstance(value, (int, float, bool)) else text
 
 
+@dataclass
+class WatchLine:
+    """What the progress line says while a generation is followed: its state,
+    the latest queue position known while it waits (events carry none), and
+    the sampler's steps once a progress report gave their number."""
+
+    status: gen.GenerationStatus.ValueType
+    position: int
+    worker: str = ""
+    completed: int = 0
+    total: int = 0
+
+    @classmethod
+    def of(cls, generation: gen.Generation) -> WatchLine:
+        line = cls(generation.status, generation.queue_position)
+        line._seen(generation.status, generation.worker, generation.progress)
+        return line
+
+    def apply(self, item: gen.WatchGenerationResponse) -> None:
+        if item.HasField("snapshot"):
+            snapshot = item.snapshot
+            if snapshot.status == QUEUED:
+                self.position = snapshot.queue_position
+            self._seen(snapshot.status, snapshot.worker, snapshot.progress)
+        else:
+            self._seen(item.event.status, item.event.worker, item.event.progress)
+
+    def _seen(
+        self, status: gen.GenerationStatus.ValueType, worker: str, progress: gen.Progress
+    ) -> None:
+        self.status = status
+        self.worker = worker or self.worker
+        if progress.max:
+            self.completed, self.total = progress.value, progress.max
+
+    @property
+    def description(self) -> str:
+        if self.status == QUEUED:
+            return f"queued (position {self.position})"
+        if self.status == gen.GENERATION_STATUS_DISPATCHED and self.worker:
+            return f"dispatched to {self.worker}"
+        running = self.status == gen.GENERATION_STATUS_RUNNING
+        return _status(self.status) + (" step" if running and self.total else "")
+
+    @property
+    def steps(self) -> str:
+        return f"{self.completed}/{self.total}" if self.total else ""
+
+
 async def _follow(
     stub: gen_grpc.GenerationServiceStub,
     metadata: list[tuple[str, str]],
@@ -162,43 +235,23 @@ async def _follow(
     quiet: bool,
 ) -> gen.Generation:
     console = Console(stderr=True, quiet=quiet)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-    )
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[steps]}"))
+    line = WatchLine.of(created)
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(_where(created), total=None)
+        task = progress.add_task(line.description, total=None, steps=line.steps)
         call = stub.WatchGeneration(gen.WatchGenerationRequest(id=created.id), metadata=metadata)
         async for item in call:
-            if item.HasField("snapshot"):
-                snapshot = item.snapshot
-                if snapshot.status == gen.GENERATION_STATUS_QUEUED:
-                    position = snapshot.queue_position
-                    progress.update(task, description=f"queued (position {position})")
-                continue
-            event = item.event
-            status = gen.GenerationStatus.Name(event.status).removeprefix("GENERATION_STATUS_")
-            if event.HasField("progress") and event.progress.max:
-                progress.update(
-                    task,
-                    description=f"{status.lower()} step",
-                    completed=event.progress.value,
-                    total=event.progress.max,
-                )
-            else:
-                progress.update(task, description=status.lower())
+            line.apply(item)
+            progress.update(
+                task,
+                description=line.description,
+                completed=line.completed,
+                total=line.total or None,
+                steps=line.steps,
+            )
     reply = await stub.GetGeneration(gen.GetGenerationRequest(id=created.id), metadata=metadata)
     final: gen.Generation = reply.generation
     return final
-
-
-def _where(created: gen.Generation) -> str:
-    """Where a new generation stands: waiting in line, or already sent to a
-    free worker by its create."""
-    if created.status == gen.GENERATION_STATUS_QUEUED:
-        return f"queued (position {created.queue_position})"
-    return f"dispatched to {created.worker}"
 
 
 async def list_generations(settings: Settings, args: argparse.Namespace) -> int:
@@ -270,6 +323,17 @@ async def stats(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> int:
+    """--timeout: what CreateGenerationRequest.timeout_seconds (a uint32) holds."""
+    try:
+        seconds = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 0 <= seconds <= UINT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and {UINT32_MAX}")
+    return seconds
+
+
 def _command(commands: Any, name: str, text: str, handler: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(name, help=text)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -291,6 +355,13 @@ def register(commands: Any) -> None:
     )
     sub.add_argument("--priority", type=int, default=0)
     sub.add_argument("--request-id")
+    sub.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=0,
+        metavar="SECONDS",
+        help="fail the generation if not done by then (default: the service's)",
+    )
     sub.add_argument("--watch", action=argparse.BooleanOptionalAction, default=True)
     sub = _command(commands, "list", "list your generations, newest first", list_generations)
     sub.add_argument("--status", help="comma-separated, e.g. queued,running")

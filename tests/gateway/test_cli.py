@@ -1,22 +1,30 @@
 """The `lockn-gen` client subcommands, run as a user would, against a real
-GenerationService."""
+GenerationService: output, the one-line errors (`error: REASON: message`,
+exit status 2), watching, templates that take images, and typed parameters."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from PIL import Image
 
+from services.client_cli import WatchLine
+from services.contracts import gen
 from tests.fixtures.generation import GenerationClient
 
+# Slow enough that a generation is still running whatever the test does
+# meanwhile; each test cancels what it leaves behind.
+SLOW_STEP_SECONDS = 0.5
 
-async def lockn(service: GenerationClient, *args: str) -> tuple[int, str, str]:
+
+async def spawn(service: GenerationClient, *args: str) -> asyncio.subprocess.Process:
     env = {**os.environ, "LOCKN_GENERATION_ADDRESS": f"127.0.0.1:{service.running.port}"}
-    process = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "services.cli",
@@ -25,8 +33,23 @@ async def lockn(service: GenerationClient, *args: str) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def finish(process: asyncio.subprocess.Process) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(process.communicate(), 60)
     return process.returncode or 0, out.decode(), err.decode()
+
+
+async def lockn(service: GenerationClient, *args: str) -> tuple[int, str, str]:
+    return await finish(await spawn(service, *args))
+
+
+async def watched_id(process: asyncio.subprocess.Process) -> str:
+    """The id `generate --watch` announces on stderr before it follows."""
+    assert process.stderr is not None
+    line = await asyncio.wait_for(process.stderr.readline(), 60)
+    assert line.startswith(b"generation "), line
+    return line.decode().removeprefix("generation ").strip()
 
 
 async def test_generate_prints_the_image_path_and_json_for_scripts(
@@ -70,6 +93,83 @@ async def test_probe_of_an_unknown_service_names_it(generation_service: Generati
     assert err == f"error: NOT_FOUND: {address} reports no health for service 'nope'\n"
 
 
+# ----- watching ----------------------------------------------------------------------
+
+
+async def test_a_watched_generation_that_times_out_ends_with_its_reason_on_stderr(
+    generation_service: GenerationClient,
+) -> None:
+    generation_service.simulator.sim.set_step_seconds(SLOW_STEP_SECONDS)
+    code, out, err = await lockn(
+        generation_service, "generate", "slow", "--param", "steps=100", "--timeout", "1"
+    )
+    first, *_, last = err.strip().splitlines()
+    generation_id = first.removeprefix("generation ")
+    assert (code, out) == (2, "")
+    assert last == "error: TIMEOUT: no completion within 1 s; prompt cancelled", err
+
+    failed = await generation_service.wait(generation_id)
+    assert (failed.status, failed.timeout_seconds) == (gen.GENERATION_STATUS_FAILED, 1)
+
+
+async def test_a_watched_generation_cancelled_elsewhere_ends_with_an_error(
+    generation_service: GenerationClient,
+) -> None:
+    generation_service.simulator.sim.set_step_seconds(SLOW_STEP_SECONDS)
+    process = await spawn(generation_service, "generate", "slow", "--param", "steps=100")
+    generation_id = await watched_id(process)
+    await generation_service.stub.CancelGeneration(gen.CancelGenerationRequest(id=generation_id))
+    code, out, err = await finish(process)
+    assert (code, out) == (2, "")
+    assert err.strip().splitlines()[-1].startswith("error: CANCELLED: "), err
+
+
+async def test_ctrl_c_stops_the_watch_but_not_the_generation(
+    generation_service: GenerationClient,
+) -> None:
+    generation_service.simulator.sim.set_step_seconds(SLOW_STEP_SECONDS)
+    process = await spawn(generation_service, "generate", "slow", "--param", "steps=100")
+    generation_id = await watched_id(process)
+    process.send_signal(signal.SIGINT)
+    code, out, err = await finish(process)
+    assert (code, out) == (130, "")
+    assert f"generation {generation_id} keeps running" in err
+    assert f"lockn-gen cancel {generation_id}" in err
+
+    reply = await generation_service.stub.GetGeneration(gen.GetGenerationRequest(id=generation_id))
+    assert reply.generation.status not in (
+        gen.GENERATION_STATUS_CANCELLED,
+        gen.GENERATION_STATUS_FAILED,
+    )
+    await generation_service.stub.CancelGeneration(gen.CancelGenerationRequest(id=generation_id))
+
+
+async def test_the_watch_line_keeps_the_queue_position_and_shows_no_unknown_total(
+    generation_service: GenerationClient,
+) -> None:
+    generation_service.simulator.sim.set_step_seconds(SLOW_STEP_SECONDS)
+    created = [await generation_service.create("busy", steps=100)]
+    while created[-1].status != gen.GENERATION_STATUS_QUEUED:
+        assert len(created) < 10, "no generation had to wait for a slot"
+        created.append(await generation_service.create("busy", steps=100))
+    waiting = created[-1]
+    line = WatchLine.of(waiting)
+    call = generation_service.stub.WatchGeneration(gen.WatchGenerationRequest(id=waiting.id))
+    async for item in call:
+        line.apply(item)
+        if item.HasField("event"):
+            break
+    call.cancel()
+    # The CREATED event says only "queued"; the position the snapshot gave stays.
+    assert item.event.type == gen.EVENT_TYPE_CREATED
+    assert line.description == f"queued (position {waiting.queue_position})"
+    assert line.steps == ""
+    for generation in created:
+        await generation_service.stub.CancelGeneration(
+            gen.CancelGenerationRequest(id=generation.id)
+        )
+
+
 # ----- templates that take images, typed parameters ----------------------------------
 
 
@@ -84,6 +184,8 @@ async def test_upscale_takes_its_image_from_a_file_and_no_prompt(
     assert code == 0, err
     with Image.open(out.strip().splitlines()[-1]) as upscaled:
         assert upscaled.size == (48, 32)  # the simulator's model doubles the input
+    # Upscaling reports no sampler steps: the bar shows no count rather than a guess.
+    assert "None" not in err and "/" not in err.splitlines()[-1]
 
 
 async def test_image_files_that_cannot_be_read_are_refused(
@@ -100,7 +202,7 @@ async def test_image_files_that_cannot_be_read_are_refused(
 async def test_param_values_take_the_type_the_template_declares(
     generation_service: GenerationClient,
 ) -> None:
-    code, out, err = await lockn(
+    code, _, err = await lockn(
         generation_service,
         "generate",
         "a fox",
@@ -108,12 +210,11 @@ async def test_param_values_take_the_type_the_template_declares(
         "negative_prompt=1990",
         "--param",
         "steps=2",
-        "--json",
     )
     assert code == 0, err
-    parameters = json.loads(out)["parameters"]
-    assert parameters["negative_prompt"] == {"string_value": "1990"}
-    assert parameters["steps"] == {"int_value": "2"}
+    done = await generation_service.wait(err.splitlines()[0].removeprefix("generation "))
+    assert done.parameters["negative_prompt"] == gen.ParameterValue(string_value="1990")
+    assert done.parameters["steps"] == gen.ParameterValue(int_value=2)
 
 
 async def test_param_mistakes_are_one_line_errors_and_create_nothing(
