@@ -258,7 +258,10 @@ async def list_generations(settings: Settings, args: argparse.Namespace) -> int:
     async with _client(settings) as (stub, metadata):
         reply = await stub.ListGenerations(
             gen.ListGenerationsRequest(
-                page_size=args.limit, statuses=statuses(args.status or ""), page_token=args.page
+                page_size=args.limit,
+                statuses=statuses(args.status or ""),
+                page_token=args.page,
+                template=args.template or "",
             ),
             metadata=metadata,
         )
@@ -291,15 +294,36 @@ async def cancel(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_line(spec: gen.ParameterSpec) -> str:
+    """`steps (integer, default 20, 1..150): Denoising steps.`"""
+    facts = [gen.ParameterType.Name(spec.type).removeprefix("PARAMETER_TYPE_").lower()]
+    if spec.required:
+        facts.append("required")
+    kind = spec.default_value.WhichOneof("kind")
+    if kind is not None:
+        facts.append(f"default {json.dumps(getattr(spec.default_value, kind))}")
+    if spec.HasField("minimum") or spec.HasField("maximum"):
+        low = _bound(spec.minimum) if spec.HasField("minimum") else ""
+        high = _bound(spec.maximum) if spec.HasField("maximum") else ""
+        facts.append(f"{low}..{high}")
+    if spec.choices:
+        facts.append(f"one of: {', '.join(spec.choices)}")
+    text = f"{spec.name} ({', '.join(facts)})"
+    return f"{text}: {spec.description}" if spec.description else text
+
+
+def _bound(value: float) -> str:
+    """150, 0.5; past 2^53 a double no longer holds every integer, so 1.84467e+19."""
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else f"{value:g}"
+
+
 async def templates(settings: Settings, args: argparse.Namespace) -> int:
     async with _client(settings) as (stub, metadata):
         reply = await stub.ListTemplates(gen.ListTemplatesRequest(), metadata=metadata)
     lines = []
     for template in reply.templates:
         lines.append(f"{template.name}: {template.description}")
-        for spec in template.parameters:
-            kind = gen.ParameterType.Name(spec.type).removeprefix("PARAMETER_TYPE_").lower()
-            lines.append(f"    {spec.name} ({kind}{', required' if spec.required else ''})")
+        lines += [f"    {_spec_line(spec)}" for spec in template.parameters]
     _print(args, to_json(reply), "\n".join(lines))
     return 0
 
@@ -344,8 +368,16 @@ def _command(commands: Any, name: str, text: str, handler: Any) -> argparse.Argu
 def register(commands: Any) -> None:
     sub = _command(commands, "generate", "create a generation and follow it", generate)
     sub.add_argument("prompt", nargs="?", help="the prompt parameter (for templates that take one)")
-    sub.add_argument("--template", default="sd15-txt2img")
-    sub.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    sub.add_argument(
+        "--template", default="sd15-txt2img", help="template name (default: %(default)s)"
+    )
+    sub.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a template parameter, converted to its declared type; repeatable",
+    )
     sub.add_argument(
         "--image",
         action="append",
@@ -353,8 +385,12 @@ def register(commands: Any) -> None:
         metavar="NAME=PATH",
         help="upload the image file PATH as the image parameter NAME; repeatable",
     )
-    sub.add_argument("--priority", type=int, default=0)
-    sub.add_argument("--request-id")
+    sub.add_argument(
+        "--priority", type=int, default=0, help="-100..100, higher runs first (default 0)"
+    )
+    sub.add_argument(
+        "--request-id", help="idempotency key: repeating it returns the first generation"
+    )
     sub.add_argument(
         "--timeout",
         type=_seconds,
@@ -362,11 +398,17 @@ def register(commands: Any) -> None:
         metavar="SECONDS",
         help="fail the generation if not done by then (default: the service's)",
     )
-    sub.add_argument("--watch", action=argparse.BooleanOptionalAction, default=True)
+    sub.add_argument(
+        "--watch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="follow progress and print the image paths (default); --no-watch prints the id",
+    )
     sub = _command(commands, "list", "list your generations, newest first", list_generations)
     sub.add_argument("--status", help="comma-separated, e.g. queued,running")
-    sub.add_argument("--limit", type=int, default=20)
-    sub.add_argument("--page", default="")
+    sub.add_argument("--template", help="only generations of this template")
+    sub.add_argument("--limit", type=int, default=20, help="generations per page, 1..100")
+    sub.add_argument("--page", default="", help="the token after 'more: --page' of the last page")
     _command(commands, "get", "show one generation", get).add_argument("id")
     _command(commands, "cancel", "cancel a generation", cancel).add_argument("id")
     _command(commands, "templates", "templates and their parameters", templates)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from services.cli import build_parser
 from services.client_cli import WatchLine
 from services.contracts import gen
 from tests.fixtures.generation import GenerationClient
@@ -234,3 +235,37 @@ async def test_param_mistakes_are_one_line_errors_and_create_nothing(
         assert err.startswith(f"error: {error}") and len(err.splitlines()) == 1, err
     code, out, _ = await lockn(generation_service, "list")
     assert (code, out) == (0, "no generations\n")
+
+
+# ----- the other commands ------------------------------------------------------------
+
+
+def test_every_option_of_generate_and_list_says_what_it_does() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    for name in ("generate", "list"):
+        sub = commands.choices[name]  # type: ignore[index]
+        silent = [a.dest for a in sub._actions if not a.help]
+        assert not silent, f"{name}: {silent}"
+
+
+async def test_templates_show_defaults_ranges_and_choices(
+    generation_service: GenerationClient,
+) -> None:
+    code, out, _ = await lockn(generation_service, "templates")
+    lines = out.splitlines()
+    assert code == 0
+    assert "    steps (integer, default 20, 1..150): Denoising steps." in lines
+    assert '    negative_prompt (string, default ""): What the image should not show.' in lines
+    sampler = next(line for line in lines if line.startswith("    sampler ("))
+    assert sampler.startswith('    sampler (enum, default "euler", one of: euler, euler_cfg_pp, ')
+
+
+async def test_list_filters_by_template(generation_service: GenerationClient) -> None:
+    sd15 = await generation_service.create("a fox")
+    sdxl = await generation_service.create("a fox", template="sdxl-txt2img")
+    for created in (sd15, sdxl):
+        await generation_service.wait(created.id)
+    code, out, _ = await lockn(generation_service, "list", "--template", "sdxl-txt2img")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == [sdxl.id]
