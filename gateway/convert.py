@@ -1,15 +1,16 @@
 """JSON shapes of the HTTP API: requests in, protobuf messages out, with
-lower-case status and event names as HTTP clients expect."""
+lower-case status and event names as HTTP clients expect, and parameter
+values in one plain shape both ways (`{"steps": 8}`, `{"image": name}`)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from services.contracts import gen
@@ -35,36 +36,50 @@ ECHO_BYTES = 40
 def to_json(message: Message) -> dict[str, Any]:
     """`message` as the HTTP API answers it: every field written, zero values
     and empty lists included (a client reads `index: 0`, not a missing key),
-    and parameter values in the plain shape requests give them."""
+    enum values by their HTTP names, and parameter values in the plain shape
+    requests give them."""
     data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    _plain_parameters(message, data)
-    lowered: dict[str, Any] = _lower_enums(data)
-    return lowered
+    _http_shape(message, data)
+    return data
 
 
-def _plain_parameters(message: Message, data: dict[str, Any]) -> None:
-    """Rewrites, in place, every ParameterValue in `data` (json_format's
-    rendering of `message`) as `parameter_json` writes it."""
-    for field, value in message.ListFields():
-        rendered = data[field.name]
+def enum_name(name: str) -> str:
+    """An enum value's name as HTTP clients see it: lower case, without its prefix."""
+    prefix = next((p for p in ENUM_PREFIXES if name.startswith(p)), "")
+    return name.removeprefix(prefix).lower()
+
+
+def _http_shape(message: Message, data: dict[str, Any]) -> None:
+    """Rewrites `data`, json_format's rendering of `message`, in place: only
+    enum fields are renamed (never a prompt that happens to look like one),
+    and each ParameterValue is written as `parameter_json` writes it."""
+    # upb's descriptor, typed apart from (but shaped like) the Python one.
+    descriptor = cast(Descriptor, message.DESCRIPTOR)
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value, rendered = getattr(message, field.name), data[field.name]
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             entry = field.message_type.fields_by_name["value"]
-            data[field.name] = {k: _plain(entry, value[k], v) for k, v in rendered.items()}
+            data[field.name] = {k: _shaped(entry, value[k], v) for k, v in rendered.items()}
         elif field.is_repeated:
-            data[field.name] = [_plain(field, m, v) for m, v in zip(value, rendered, strict=True)]
+            data[field.name] = [_shaped(field, m, v) for m, v in zip(value, rendered, strict=True)]
         else:
-            data[field.name] = _plain(field, value, rendered)
+            data[field.name] = _shaped(field, value, rendered)
 
 
-def _plain(field: FieldDescriptor, value: Any, data: Any) -> Any:
+def _shaped(field: FieldDescriptor, value: Any, rendered: Any) -> Any:
+    # json_format writes an enum value it has no name for as its number.
+    if field.enum_type is not None and isinstance(rendered, str):
+        return enum_name(rendered)
     if field.message_type is gen.ParameterValue.DESCRIPTOR:
         return parameter_json(value)
     # Well-known types (Timestamp) are rendered as strings, with nothing inside.
-    if field.message_type is not None and isinstance(data, dict):
-        _plain_parameters(value, data)
-    return data
+    if field.message_type is not None and isinstance(rendered, dict):
+        _http_shape(value, rendered)
+    return rendered
 
 
 def parameter_json(value: gen.ParameterValue) -> Any:
@@ -75,18 +90,6 @@ def parameter_json(value: gen.ParameterValue) -> Any:
     if kind == "image_name":
         return {"image": value.image_name}
     return getattr(value, kind)
-
-
-def _lower_enums(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _lower_enums(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_lower_enums(v) for v in value]
-    if isinstance(value, str):
-        for prefix in ENUM_PREFIXES:
-            if value.startswith(prefix):
-                return value.removeprefix(prefix).lower()
-    return value
 
 
 def parameter(name: str, value: Any) -> gen.ParameterValue:

@@ -11,7 +11,7 @@ from typing import Any
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
-from gateway.convert import ENUM_PREFIXES
+from gateway.convert import enum_name
 from services.contracts import gen
 
 JsonDict = dict[str, Any]
@@ -346,8 +346,4 @@ def _single(field: FieldDescriptor, schemas: JsonDict) -> JsonDict:
 
 
 def _enum_names(enum: EnumDescriptor) -> list[str]:
-    names = []
-    for value in enum.values:
-        prefix = next((p for p in ENUM_PREFIXES if value.name.startswith(p)), None)
-        names.append(value.name.removeprefix(prefix).lower() if prefix else value.name)
-    return names
+    return [enum_name(value.name) for value in enum.values]

@@ -70,3 +70,20 @@ async def test_parameters_are_answered_in_the_plain_shape_requests_use(
     specs = {p["name"]: p for p in templates["img2img"]["parameters"]}
     assert specs["steps"]["default_value"] == 20
     assert "default_value" not in specs["image"]  # no default: no value at all
+
+
+async def test_only_enum_values_are_renamed_never_the_callers_text(
+    gateway: aiohttp.ClientSession,
+) -> None:
+    # Enum names are written lower-case without their prefix; text that only
+    # looks like one (a prompt, a request_id) comes back as it was sent.
+    prompt = "GENERATION_STATUS_QUEUED: a queue of cats"
+    body = {"parameters": {"prompt": prompt}, "request_id": "EVENT_TYPE_CREATED"}
+    async with gateway.post("/api/generations", json=body) as reply:
+        created = await reply.json()
+    assert created["status"] in ("queued", "dispatched")
+    assert created["parameters"]["prompt"] == prompt
+    assert created["request_id"] == "EVENT_TYPE_CREATED"
+    frames = await watch(gateway, created["id"])
+    assert frames[1].data["event"]["type"] == "created"
+    assert frames[0].data["snapshot"]["parameters"]["prompt"] == prompt
