@@ -197,7 +197,12 @@ def _paths() -> JsonDict:
                 "The caller's generations, newest first",
                 {"200": _json(_ref("ListGenerationsResponse"), "one page"), **_errors(400)},
                 [
-                    _query("page_size", {"type": "integer", "minimum": 0}, "at most 1000"),
+                    _query(
+                        "page_size",
+                        {"type": "integer", "minimum": 0, "default": 0},
+                        "0 means 50; at most 500 (a larger size is lowered to 500);"
+                        " a negative one is refused",
+                    ),
                     _query("page_token", {"type": "string"}, "next_page_token of a page"),
                     _query(
                         "status",

@@ -12,7 +12,9 @@ from openapi_spec_validator import validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from gateway import openapi
 from gateway.server import create_app
+from services.generation.servicer import DEFAULT_PAGE, MAX_PAGE
 from services.settings import load_settings
 from tests.fixtures.generation import GenerationClient
 
@@ -110,3 +112,11 @@ async def test_every_error_has_the_documented_error_shape(gateway: aiohttp.Clien
         assert reply.status == 415
         check(document, "Error", await reply.json())
     assert "415" in document["paths"]["/api/generations"]["post"]["responses"]
+
+
+def test_page_size_is_documented_as_generation_service_applies_it() -> None:
+    listing = openapi.document()["paths"]["/api/generations"]["get"]
+    page_size = next(p for p in listing["parameters"] if p["name"] == "page_size")
+    assert f"0 means {DEFAULT_PAGE}" in page_size["description"]
+    assert f"at most {MAX_PAGE}" in page_size["description"]
+    assert page_size["schema"]["minimum"] == 0  # negative sizes are refused
