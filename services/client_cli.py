@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
@@ -50,6 +51,13 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
 def _status(status: gen.GenerationStatus.ValueType) -> str:
     """`completed`, `queued`, ...: the words the JSON output uses too."""
     return gen.GenerationStatus.Name(status).removeprefix("GENERATION_STATUS_").lower()
+
+
+def _time(stamp: Timestamp) -> str:
+    return f"{stamp.ToDatetime():%Y-%m-%d %H:%M:%S}"
+
+
+# ----- generate ----------------------------------------------------------------------
 
 
 async def generate(settings: Settings, args: argparse.Namespace) -> int:
@@ -254,6 +262,16 @@ async def _follow(
     return final
 
 
+# ----- the other commands ------------------------------------------------------------
+
+
+def _list_line(generation: gen.Generation) -> str:
+    return (
+        f"{generation.id}  {_status(generation.status):<10}  {generation.template}"
+        f"  {_time(generation.create_time)}"
+    )
+
+
 async def list_generations(settings: Settings, args: argparse.Namespace) -> int:
     async with _client(settings) as (stub, metadata):
         reply = await stub.ListGenerations(
@@ -265,22 +283,39 @@ async def list_generations(settings: Settings, args: argparse.Namespace) -> int:
             ),
             metadata=metadata,
         )
-    lines = [
-        f"{g.id}  {gen.GenerationStatus.Name(g.status).removeprefix('GENERATION_STATUS_'):<10}"
-        f"  {g.template}  {g.create_time.ToDatetime():%Y-%m-%d %H:%M:%S}"
-        for g in reply.generations
-    ]
+    lines = [_list_line(g) for g in reply.generations]
     if reply.next_page_token:
         lines.append(f"more: --page {reply.next_page_token}")
     _print(args, to_json(reply), "\n".join(lines) or "no generations")
     return 0
 
 
+def _summary(generation: gen.Generation) -> str:
+    """`get` without --json: what a person looks for, in `list`'s words."""
+    g = generation
+    lines = [
+        f"id        {g.id}",
+        f"status    {_status(g.status)}",
+        f"template  {g.template}",
+        f"created   {_time(g.create_time)}",
+    ]
+    if g.status == QUEUED:
+        lines.append(f"position  {g.queue_position}")
+    elif g.progress.max:
+        lines.append(f"step      {g.progress.value}/{g.progress.max}")
+    if g.HasField("complete_time"):
+        took = f" ({g.duration_ms / 1000:.1f} s)" if g.duration_ms else ""
+        lines.append(f"finished  {_time(g.complete_time)}{took}")
+    lines += [f"output    {output.path}" for output in g.outputs]
+    if g.error.reason:
+        lines.append(f"error     {g.error.reason}: {g.error.message}")
+    return "\n".join(lines)
+
+
 async def get(settings: Settings, args: argparse.Namespace) -> int:
     async with _client(settings) as (stub, metadata):
         reply = await stub.GetGeneration(gen.GetGenerationRequest(id=args.id), metadata=metadata)
-    data = to_json(reply.generation)
-    _print(args, data, json.dumps(data, indent=2))
+    _print(args, to_json(reply.generation), _summary(reply.generation))
     return 0
 
 
@@ -289,8 +324,7 @@ async def cancel(settings: Settings, args: argparse.Namespace) -> int:
         reply = await stub.CancelGeneration(
             gen.CancelGenerationRequest(id=args.id), metadata=metadata
         )
-    status = gen.GenerationStatus.Name(reply.generation.status).removeprefix("GENERATION_STATUS_")
-    _print(args, to_json(reply.generation), f"{args.id}: {status.lower()}")
+    _print(args, to_json(reply.generation), f"{args.id}: {_status(reply.generation.status)}")
     return 0
 
 
@@ -331,11 +365,7 @@ async def templates(settings: Settings, args: argparse.Namespace) -> int:
 async def stats(settings: Settings, args: argparse.Namespace) -> int:
     async with _client(settings) as (stub, metadata):
         reply = await stub.GetStats(gen.GetStatsRequest(), metadata=metadata)
-    lines = [
-        f"{gen.GenerationStatus.Name(c.status).removeprefix('GENERATION_STATUS_').lower():<10}"
-        f" {c.count}"
-        for c in reply.queue
-    ]
+    lines = [f"{_status(c.status):<10} {c.count}" for c in reply.queue]
     lines += [
         f"worker {w.name} ({w.address}): {'serving' if w.serving else 'NOT serving'}, "
         f"{w.slots_used}/{w.slots_total} slots"
@@ -345,6 +375,9 @@ async def stats(settings: Settings, args: argparse.Namespace) -> int:
         lines.append(f"dispatch paused: {reply.pause_reason}")
     _print(args, to_json(reply), "\n".join(lines))
     return 0
+
+
+# ----- arguments ---------------------------------------------------------------------
 
 
 def _seconds(text: str) -> int:

@@ -73,6 +73,9 @@ async def test_generate_prints_the_image_path_and_json_for_scripts(
     assert json.loads(out)["workers"][0]["serving"] is True
 
 
+# ----- errors ------------------------------------------------------------------------
+
+
 async def test_errors_are_one_line_with_the_reason_once(
     generation_service: GenerationClient,
 ) -> None:
@@ -111,6 +114,10 @@ async def test_a_watched_generation_that_times_out_ends_with_its_reason_on_stder
 
     failed = await generation_service.wait(generation_id)
     assert (failed.status, failed.timeout_seconds) == (gen.GENERATION_STATUS_FAILED, 1)
+    code, out, _ = await lockn(generation_service, "get", generation_id)
+    assert code == 0
+    assert "status    failed" in out.splitlines()
+    assert "error     TIMEOUT: no completion within 1 s; prompt cancelled" in out.splitlines()
 
 
 async def test_a_watched_generation_cancelled_elsewhere_ends_with_an_error(
@@ -269,3 +276,21 @@ async def test_list_filters_by_template(generation_service: GenerationClient) ->
     code, out, _ = await lockn(generation_service, "list", "--template", "sdxl-txt2img")
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == [sdxl.id]
+
+
+async def test_get_summarises_for_people_and_prints_json_on_request(
+    generation_service: GenerationClient,
+) -> None:
+    done = await generation_service.wait((await generation_service.create("a fox")).id)
+    code, out, _ = await lockn(generation_service, "get", done.id)
+    assert code == 0
+    assert out.splitlines()[:3] == [
+        f"id        {done.id}",
+        "status    completed",
+        "template  sd15-txt2img",
+    ]
+    assert f"output    {done.outputs[0].path}" in out.splitlines()
+    code, out, _ = await lockn(generation_service, "list")
+    assert out.split()[:2] == [done.id, "completed"]  # the same words as get's
+    code, out, _ = await lockn(generation_service, "get", done.id, "--json")
+    assert json.loads(out)["id"] == done.id
