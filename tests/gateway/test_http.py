@@ -196,5 +196,5 @@ async def test_listing_takes_repeated_and_comma_separated_statuses(
     }
     for query, expected in queries.items():
         async with gateway.get(f"/api/generations?{query}") as reply:
-            listed = (await reply.json()).get("generations", [])
+            listed = (await reply.json())["generations"]
         assert {g["id"] for g in listed} == expected, query
