@@ -1,11 +1,14 @@
-"""`make demo`: the whole stack on this machine, one image end to end.
+"""`make demo` and `make up`: the whole stack on this machine.
 
 Starts what is missing — a private PostgreSQL under `.lockn/` when no
 DATABASE_URL is set, the ComfyUI simulator when no ComfyUI URL is set — then a
-ComfyWorker, GenerationService and the gateway as separate processes. It runs
-one generation through the HTTP gateway (following its server-sent events) and
-one through gRPC with the CLI's live progress, prints both image paths, and
-stops every process it started. `--serve` keeps the stack up until Ctrl-C.
+ComfyWorker, GenerationService and the gateway as separate processes. The demo
+runs one generation through the HTTP gateway (following its server-sent events)
+and one through gRPC with the CLI's live progress, prints both image paths, and
+stops every process it started. `--serve` (`make up`) keeps the stack up until
+Ctrl-C, SIGTERM or SIGHUP (its terminal closing). One run at a time holds
+`.lockn/`; a run that finds parts or a PostgreSQL a killed run left there stops
+them first.
 """
 
 from __future__ import annotations
@@ -13,24 +16,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 import aiohttp
 import asyncpg
 
 from services.embedded_postgres import EmbeddedPostgres
 from services.settings import Settings, SettingsError, load_settings
-from services.stack import LocalStack, Part
+from services.stack import LocalStack, Part, stop_leftovers
 
 STATE = Path(".lockn")
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"
+# Besides Ctrl-C: the parts run in sessions of their own, so a signal to the
+# demo's process group (a closed terminal sends SIGHUP) reaches only the demo,
+# which must stop them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# What ends a run with one `demo failed: ...` line instead of a traceback.
+FAILURES = (RuntimeError, OSError, aiohttp.ClientError, asyncpg.PostgresError)
 
 
 def say(text: str) -> None:
@@ -38,18 +50,83 @@ def say(text: str) -> None:
 
 
 @contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the run as Ctrl-C does (KeyboardInterrupt)."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        _shield()
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _shield() -> None:
+    """Ignore SIGTERM and SIGHUP from here on: a second one (the terminal closing
+    while the run ends) must not cut short the stopping of what it started."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def own_state(state: Path) -> Iterator[None]:
+    """`state` for this run alone, with whatever a killed run left there stopped.
+
+    Two runs must not share the private PostgreSQL, and a run must not take the
+    server of one still running for a leftover: the lock (held until this
+    process ends, however it ends) tells the two apart.
+    """
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / "run.lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise RuntimeError(
+                f"another make up or make demo (pid {holder}) is running from this folder"
+                f" and holds {state}/; stop it first (Ctrl-C in its terminal, or kill {holder})"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        left = stop_leftovers(state / "logs")
+        if left:
+            say(f"stopped what an earlier run left running: {', '.join(left)}")
+        yield
+
+
+@contextlib.contextmanager
 def database(settings: Settings) -> Iterator[str]:
-    """The configured database, or a private server under .lockn/ for the demo's lifetime."""
+    """The configured database, or a private server under .lockn/ for the run's lifetime."""
     if settings.database_url is not None:
         yield settings.database_dsn
         return
-    server = EmbeddedPostgres(STATE / "postgres")
-    say(f"starting a private PostgreSQL in {server.root} (set DATABASE_URL to use yours)")
-    dsn = server.start()
+    folder = STATE / "postgres"
+    server = EmbeddedPostgres(folder)
+    leftover = server.running_pid()
+    if leftover is not None:
+        # Only a run holding .lockn/ starts this server, and none holds it now:
+        # an earlier run was killed before it could stop it.
+        try:
+            server.stop()
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"a PostgreSQL an earlier run left running (pid {leftover}) holds {folder}"
+                f" and would not stop ({error}); {server.how_to_stop(leftover)}"
+            ) from None
+        say(f"stopped the private PostgreSQL an earlier run left running (pid {leftover})")
+    say(f"starting a private PostgreSQL in {folder} (set DATABASE_URL to use yours)")
     try:
+        dsn = server.start()
         asyncio.run(_create_database(dsn, "lockn"))
         yield dsn.rpartition("/")[0] + "/lockn"
     finally:
+        _shield()
         server.stop()
 
 
@@ -121,55 +198,56 @@ async def start_stack(stack: LocalStack, settings: Settings, dsn: str) -> tuple[
     return generation, gateway
 
 
+def demonstrate(stack: LocalStack, generation: Part, gateway: Part, token: str | None) -> None:
+    """One generation over HTTP, then one over gRPC through the CLI."""
+    http_paths = asyncio.run(generate_over_http(gateway.address, token))
+    say("gRPC: lockn-gen generate, with live progress")
+    prompt = PROMPT + ", watercolour"
+    cli = subprocess.run(
+        [sys.executable, "-m", "services.cli", "generate", prompt, "--param", "steps=12"],
+        env=stack.env(LOCKN_GENERATION_ADDRESS=generation.address),
+        check=False,
+    )
+    if cli.returncode != 0:
+        raise RuntimeError(f"the gRPC generation failed (exit {cli.returncode})")
+    for path in http_paths:
+        say(f"image from the HTTP gateway: {Path(path).resolve()}")
+
+
 def run(settings: Settings, serve_only: bool) -> int:
-    stack = LocalStack(STATE / "logs")
-    token = next(iter(settings.auth_tokens), None)
-    with database(settings) as dsn:
-        try:
-            generation, gateway = asyncio.run(start_stack(stack, settings, dsn))
-            if serve_only:
-                say("serving until Ctrl-C")
-                _wait_for_interrupt(stack)
-                return 0
-            http_paths = asyncio.run(generate_over_http(gateway.address, token))
-            say("gRPC: lockn-gen generate, with live progress")
-            cli = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "services.cli",
-                    "generate",
-                    PROMPT + ", watercolour",
-                    "--param",
-                    "steps=12",
-                ],
-                env=stack.env(LOCKN_GENERATION_ADDRESS=generation.address),
-                check=False,
-            )
-            if cli.returncode != 0:
-                raise RuntimeError(f"the gRPC generation failed (exit {cli.returncode})")
-            for path in http_paths:
-                say(f"image from the HTTP gateway: {Path(path).resolve()}")
-            say("done; stopping the stack")
+    """`make demo`, or with `serve_only` `make up`; the exit status."""
+    try:
+        with stopped_by_signals(), own_state(STATE), database(settings) as dsn:
+            stack = LocalStack(STATE / "logs")
+            try:
+                generation, gateway = asyncio.run(start_stack(stack, settings, dsn))
+                if serve_only:
+                    say("serving until Ctrl-C")
+                    _serve(stack)
+                else:
+                    token = next(iter(settings.auth_tokens), None)
+                    demonstrate(stack, generation, gateway, token)
+                    say("done; stopping the stack")
+            finally:
+                _shield()
+                stack.stop()
+    except KeyboardInterrupt:
+        if serve_only:
+            say("stopped everything it started")
             return 0
-        except RuntimeError as error:
-            print(f"demo failed: {error}", file=sys.stderr)
-            return 1
-        finally:
-            stack.stop()
+        print("demo interrupted; stopped everything it started", file=sys.stderr)
+        return 130
+    except FAILURES as error:
+        print(f"demo failed: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
-def _wait_for_interrupt(stack: LocalStack) -> None:
-    """Sleep until Ctrl-C or SIGTERM, failing early if a child process dies."""
-
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    with contextlib.suppress(KeyboardInterrupt):
-        while True:
-            stack.check_alive()
-            time.sleep(0.5)
+def _serve(stack: LocalStack) -> NoReturn:
+    """Until Ctrl-C or a stop signal (KeyboardInterrupt); fails early if a part dies."""
+    while True:
+        stack.check_alive()
+        time.sleep(0.5)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,206 @@
+"""`make demo` and `make up` as a user runs them: `python -m services.demo` in a
+folder of its own, with the private PostgreSQL it starts there. A closed
+terminal (SIGHUP to the process group) stops everything it started, and a run
+finds and stops what a killed run left behind."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from services.embedded_postgres import EmbeddedPostgres, free_port
+from services.stack import stop_leftovers
+
+REPO = Path(__file__).resolve().parents[2]
+# Bounds on waiting, never assertions on speed: two busy cores start five processes.
+START = 180.0
+STOP = 60.0
+
+pytestmark = pytest.mark.timeout(400)
+
+
+class Demo:
+    """`python -m services.demo` running in its own session, as a terminal runs it."""
+
+    def __init__(self, folder: Path, env: dict[str, str], *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.demo", *args],
+            cwd=folder,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.output: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def until(self, text: str, timeout: float = START) -> str:
+        """The first line from here on that holds `text`."""
+        while True:
+            try:
+                line = self._lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no {text!r} within {timeout} s:\n" + self.printed) from None
+            if line is None:
+                raise AssertionError(f"exited before {text!r}:\n" + self.printed)
+            self.output.append(line)
+            if text in line:
+                return line
+
+    def finish(self, timeout: float = START) -> int:
+        """Its exit status, once it has exited and said all it had to."""
+        code = self.process.wait(timeout)
+        while (line := self._lines.get(timeout=STOP)) is not None:
+            self.output.append(line)
+        return code
+
+    @property
+    def printed(self) -> str:
+        return "\n".join(self.output)
+
+    def children(self) -> list[psutil.Process]:
+        children: list[psutil.Process] = psutil.Process(self.process.pid).children(recursive=True)
+        return children
+
+
+def gone(process: psutil.Process) -> bool:
+    # A postmaster's parent is init once pg_ctl exits; a zombie there is gone too.
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    """A checkout-like folder under /tmp, which the postgres user can reach."""
+    path = Path(tempfile.mkdtemp(prefix="lockn-demo-test-"))
+    path.chmod(0o755)
+    (path / "workflows").symlink_to(REPO / "workflows")
+    try:
+        yield path
+    finally:
+        # Only when a test failed midway is anything left to stop.
+        stop_leftovers(path / ".lockn" / "logs")
+        if (path / ".lockn" / "postgres" / "data").exists():
+            EmbeddedPostgres(path / ".lockn" / "postgres").stop()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def environment(**settings: str) -> dict[str, str]:
+    """This environment without the suite's LockN settings or database, plus `settings`."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("LOCKN_") and k != "DATABASE_URL"
+    }
+    return {**env, **settings}
+
+
+def postmaster(folder: Path) -> psutil.Process:
+    pid = EmbeddedPostgres(folder / ".lockn" / "postgres").running_pid()
+    assert pid is not None
+    return psutil.Process(pid)
+
+
+def test_a_closed_terminal_stops_make_up_and_everything_it_started(folder: Path) -> None:
+    up = Demo(folder, environment(), "--serve")
+    up.until("serving until Ctrl-C")
+    started = [*up.children(), postmaster(folder)]
+    assert len(started) >= 5  # simulator, worker, GenerationService, gateway, PostgreSQL
+
+    os.killpg(up.process.pid, signal.SIGHUP)
+
+    assert up.finish(STOP) == 0
+    assert [p for p in started if not gone(p)] == []
+    assert EmbeddedPostgres(folder / ".lockn" / "postgres").running_pid() is None
+    assert list((folder / ".lockn" / "logs").glob("*.pid")) == []
+
+
+def test_a_closed_terminal_stops_the_demo_midway_and_leaves_a_comfyui_it_did_not_start(
+    folder: Path,
+) -> None:
+    # A ComfyUI slow enough that the demo is still following the HTTP generation.
+    port = free_port()
+    simulate = ["simulate-comfyui", "--port", str(port), "--step-seconds", "5"]
+    comfyui = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", *simulate],
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        demo = Demo(folder, environment(LOCKN_COMFYUI__BASE_URL=f"http://127.0.0.1:{port}"))
+        demo.until("following its events")
+        demo.until("started")
+        started = [*demo.children(), postmaster(folder)]
+
+        os.killpg(demo.process.pid, signal.SIGHUP)
+
+        assert demo.finish(STOP) == 130
+        assert "demo interrupted; stopped everything it started" in demo.output
+        assert [p for p in started if not gone(p)] == []
+        assert EmbeddedPostgres(folder / ".lockn" / "postgres").running_pid() is None
+        assert comfyui.poll() is None
+    finally:
+        comfyui.terminate()
+        comfyui.wait(STOP)
+
+
+def test_a_second_run_leaves_a_live_run_alone_and_stops_what_a_killed_one_left(
+    folder: Path,
+) -> None:
+    killed = Demo(folder, environment(), "--serve")
+    killed.until("serving until Ctrl-C")
+    parts = killed.children()
+    server = postmaster(folder)
+
+    second = subprocess.run(
+        [sys.executable, "-m", "services.demo"],
+        cwd=folder,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=STOP,
+    )
+    assert second.returncode == 1
+    assert second.stderr == (
+        f"demo failed: another make up or make demo (pid {killed.process.pid}) is running"
+        " from this folder and holds .lockn/; stop it first (Ctrl-C in its terminal,"
+        f" or kill {killed.process.pid})\n"
+    )
+    assert not any(gone(p) for p in [*parts, server])
+
+    killed.process.kill()
+    killed.finish(STOP)
+    assert not any(gone(p) for p in [*parts, server])
+
+    demo = Demo(folder, environment())
+    assert demo.finish() == 0, demo.printed
+
+    assert (
+        "==> stopped what an earlier run left running:"
+        " comfy-worker, gateway, generation-service, simulator"
+    ) in demo.output
+    assert (
+        f"==> stopped the private PostgreSQL an earlier run left running (pid {server.pid})"
+        in demo.output
+    )
+    assert [p for p in [*parts, server] if not gone(p)] == []
