@@ -3,12 +3,12 @@
 Starts what is missing — a private PostgreSQL under `.lockn/` when no
 DATABASE_URL is set, the ComfyUI simulator when no ComfyUI URL is set — then a
 ComfyWorker, GenerationService and the gateway as separate processes. The demo
-runs one generation through the HTTP gateway (following its server-sent events)
-and one through gRPC with the CLI's live progress, prints both image paths, and
-stops every process it started. `--serve` (`make up`) keeps the stack up until
-Ctrl-C, SIGTERM or SIGHUP (its terminal closing). One run at a time holds
-`.lockn/`; a run that finds parts or a PostgreSQL a killed run left there stops
-them first.
+runs one generation through the HTTP gateway (following its server-sent events,
+then downloading its image through the gateway) and one through gRPC with the
+CLI's live progress, and stops every process it started. `--serve` (`make up`)
+keeps the stack up instead, until Ctrl-C, SIGTERM or SIGHUP (its terminal
+closing). One run at a time holds `.lockn/`; a run that
+finds parts or a PostgreSQL a killed run left there stops them first.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import mimetypes
 import os
 import signal
 import subprocess
@@ -139,8 +140,9 @@ async def _create_database(dsn: str, name: str) -> None:
         await conn.close()
 
 
-async def generate_over_http(gateway: str, token: str | None) -> list[str]:
-    """POST a generation, follow its server-sent events, return its image paths."""
+async def generate_over_http(gateway: str, token: str | None, images: Path) -> Path:
+    """POST a generation, follow its server-sent events, and save its image as
+    the gateway's image route serves it; the saved file."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = {"template": "sd15-txt2img", "parameters": {"prompt": PROMPT, "steps": 12}}
     async with aiohttp.ClientSession(gateway, headers=headers) as session:
@@ -157,9 +159,23 @@ async def generate_over_http(gateway: str, token: str | None) -> list[str]:
                     _print_event(json.loads(line[5:]))
         async with session.get(f"/api/generations/{generation_id}") as reply:
             final = await reply.json()
-    if final.get("status") != "completed":
-        raise RuntimeError(f"HTTP generation ended {final.get('status')}: {final.get('error')}")
-    return [o["path"] for o in final.get("outputs", [])]
+        if final.get("status") != "completed":
+            raise RuntimeError(f"HTTP generation ended {final.get('status')}: {final.get('error')}")
+        route = f"/api/generations/{generation_id}/image"
+        async with session.get(route) as reply:
+            if reply.status != 200:
+                raise RuntimeError(f"GET {route} answered {reply.status}")
+            suffix = mimetypes.guess_extension(reply.content_type) or ""
+            image = await reply.read()
+    path = images / f"{generation_id}{suffix}"
+    await asyncio.to_thread(_save, path, image)
+    say(f"HTTP: GET {route} -> saved {path}")
+    return path
+
+
+def _save(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
 
 
 def _print_event(data: dict[str, Any]) -> None:
@@ -198,20 +214,27 @@ async def start_stack(stack: LocalStack, settings: Settings, dsn: str) -> tuple[
     return generation, gateway
 
 
+def client_token(settings: Settings) -> str | None:
+    """What the demo presents to the gateway and the CLI: the CLI's own token
+    when set, else the first the services accept."""
+    if settings.client_token is not None:
+        return settings.client_token.get_secret_value()
+    return next(iter(settings.auth_tokens), None)
+
+
 def demonstrate(stack: LocalStack, generation: Part, gateway: Part, token: str | None) -> None:
     """One generation over HTTP, then one over gRPC through the CLI."""
-    http_paths = asyncio.run(generate_over_http(gateway.address, token))
+    asyncio.run(generate_over_http(gateway.address, token, STATE / "images"))
     say("gRPC: lockn-gen generate, with live progress")
+    credentials = {"LOCKN_CLIENT_TOKEN": token} if token else {}
     prompt = PROMPT + ", watercolour"
     cli = subprocess.run(
         [sys.executable, "-m", "services.cli", "generate", prompt, "--param", "steps=12"],
-        env=stack.env(LOCKN_GENERATION_ADDRESS=generation.address),
+        env=stack.env(LOCKN_GENERATION_ADDRESS=generation.address, **credentials),
         check=False,
     )
     if cli.returncode != 0:
         raise RuntimeError(f"the gRPC generation failed (exit {cli.returncode})")
-    for path in http_paths:
-        say(f"image from the HTTP gateway: {Path(path).resolve()}")
 
 
 def run(settings: Settings, serve_only: bool) -> int:
@@ -225,8 +248,7 @@ def run(settings: Settings, serve_only: bool) -> int:
                     say("serving until Ctrl-C")
                     _serve(stack)
                 else:
-                    token = next(iter(settings.auth_tokens), None)
-                    demonstrate(stack, generation, gateway, token)
+                    demonstrate(stack, generation, gateway, client_token(settings))
                     say("done; stopping the stack")
             finally:
                 _shield()

@@ -1,12 +1,15 @@
 """`make demo` and `make up` as a user runs them: `python -m services.demo` in a
-folder of its own, with the private PostgreSQL it starts there. A closed
-terminal (SIGHUP to the process group) stops everything it started, and a run
-finds and stops what a killed run left behind."""
+folder of its own, with the private PostgreSQL it starts there. What it prints
+is what the README shows; a closed terminal (SIGHUP to the process group)
+stops everything it started; and a run finds and stops what a killed run left
+behind."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import psutil
 import pytest
 
@@ -23,6 +27,7 @@ from services.embedded_postgres import EmbeddedPostgres, free_port
 from services.stack import stop_leftovers
 
 REPO = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
 # Bounds on waiting, never assertions on speed: two busy cores start five processes.
 START = 180.0
 STOP = 60.0
@@ -118,6 +123,54 @@ def postmaster(folder: Path) -> psutil.Process:
     pid = EmbeddedPostgres(folder / ".lockn" / "postgres").running_pid()
     assert pid is not None
     return psutil.Process(pid)
+
+
+def readme_transcript() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = text.split("$ make demo\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("==> ")]
+
+
+def shape(line: str) -> str:
+    """A line with its ids and numbers (ports, pids) left out."""
+    line = re.sub(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", "<id>", line)
+    return re.sub(r"\d+", "<n>", line)
+
+
+def test_the_demo_prints_what_the_readme_shows_and_saves_the_image_it_downloads(
+    folder: Path,
+) -> None:
+    demo = Demo(folder, environment())
+    assert demo.finish() == 0, demo.printed
+
+    said = [line for line in demo.output if line.startswith("==> ")]
+    assert [shape(line) for line in said] == [shape(line) for line in readme_transcript()]
+    saved = re.search(r"/image -> saved (\S+)$", demo.printed, re.M)
+    assert saved is not None
+    image = folder / saved[1]
+    assert image.read_bytes().startswith(PNG)
+    # The very image the store holds, as the gateway's image route served it.
+    assert image.read_bytes() == (folder / "outputs" / image.name).read_bytes()
+    assert EmbeddedPostgres(folder / ".lockn" / "postgres").running_pid() is None
+
+
+def test_the_demo_gives_the_cli_the_token_it_gives_the_gateway(
+    folder: Path, database_url: str
+) -> None:
+    env = environment(LOCKN_AUTH_TOKENS='{"s3cret": "alice"}', DATABASE_URL=database_url)
+    demo = Demo(folder, env)
+    assert demo.finish() == 0, demo.printed
+    assert "==> done; stopping the stack" in demo.output
+
+    async def principals() -> list[tuple[str, int]]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows = await conn.fetch("SELECT principal, count(*) FROM generations GROUP BY 1")
+        finally:
+            await conn.close()
+        return [(row[0], row[1]) for row in rows]
+
+    assert asyncio.run(principals()) == [("alice", 2)]
 
 
 def test_a_closed_terminal_stops_make_up_and_everything_it_started(folder: Path) -> None:
