@@ -6,8 +6,8 @@ ComfyWorker, GenerationService and the gateway as separate processes. The demo
 runs one generation through the HTTP gateway (following its server-sent events,
 then downloading its image through the gateway) and one through gRPC with the
 CLI's live progress, and stops every process it started. `--serve` (`make up`)
-keeps the stack up instead, until Ctrl-C, SIGTERM or SIGHUP (its terminal
-closing). One run at a time holds `.lockn/`; a run that
+prints how to reach the stack instead and keeps it up until Ctrl-C, SIGTERM or
+SIGHUP (its terminal closing). One run at a time holds `.lockn/`; a run that
 finds parts or a PostgreSQL a killed run left there stops them first.
 """
 
@@ -44,6 +44,19 @@ PROMPT = "a lighthouse on a cliff at dawn, oil painting"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 # What ends a run with one `demo failed: ...` line instead of a traceback.
 FAILURES = (RuntimeError, OSError, aiohttp.ClientError, asyncpg.PostgresError)
+# Settings of each service that a run keeps when the user sets them; otherwise
+# it picks a free port and turns metrics off, so as not to collide with
+# anything already running.
+KEPT_SETTINGS = {
+    "worker": ("worker_listen", "worker_metrics_port"),
+    "generation": ("generation_listen", "generation_metrics_port"),
+    "gateway": ("gateway_listen", "gateway_metrics_port"),
+}
+METRICS = {
+    "GenerationService": "generation_metrics_port",
+    "ComfyWorker": "worker_metrics_port",
+    "gateway": "gateway_metrics_port",
+}
 
 
 def say(text: str) -> None:
@@ -190,6 +203,14 @@ def _print_event(data: dict[str, Any]) -> None:
         print(f"    {event.get('type', '')}", flush=True)
 
 
+def _kept(settings: Settings, service: str) -> dict[str, str]:
+    return {
+        f"LOCKN_{name.upper()}": str(getattr(settings, name))
+        for name in KEPT_SETTINGS[service]
+        if name in settings.model_fields_set
+    }
+
+
 async def start_stack(stack: LocalStack, settings: Settings, dsn: str) -> tuple[Part, Part]:
     """Simulator (unless a ComfyUI URL is set), worker, GenerationService, gateway."""
     if "base_url" in settings.comfyui.model_fields_set:
@@ -203,11 +224,13 @@ async def start_stack(stack: LocalStack, settings: Settings, dsn: str) -> tuple[
             " (set LOCKN_COMFYUI__BASE_URL to use yours)"
         )
         await stack.wait_serving(simulator)
-    worker = stack.start_worker("comfy-worker", comfy_url)
+    worker = stack.start_worker("comfy-worker", comfy_url, 0, **_kept(settings, "worker"))
     await stack.wait_serving(worker)
-    generation = stack.start_generation("generation-service", dsn, [worker])
+    generation = stack.start_generation(
+        "generation-service", dsn, [worker], **_kept(settings, "generation")
+    )
     await stack.wait_serving(generation)
-    gateway = stack.start_gateway(generation)
+    gateway = stack.start_gateway(generation, **_kept(settings, "gateway"))
     await stack.wait_serving(gateway)
     say(f"stack up: gateway {gateway.address}, GenerationService {generation.address}")
     say(f"process logs: {stack.logs}/")
@@ -237,6 +260,34 @@ def demonstrate(stack: LocalStack, generation: Part, gateway: Part, token: str |
         raise RuntimeError(f"the gRPC generation failed (exit {cli.returncode})")
 
 
+def how_to_use(settings: Settings, generation: Part, gateway: Part) -> None:
+    """Lines to paste into another shell to reach this stack."""
+    cli = Path(sys.executable).parent / "lockn-gen"
+    with contextlib.suppress(ValueError):
+        cli = cli.relative_to(Path.cwd())
+    command = str(cli) if cli.exists() else "lockn-gen"
+    activate = cli.parent / "activate"
+    also = f", or `source {activate}` for plain lockn-gen" if activate.exists() else ""
+    say(f"to use it from another shell (the CLI is {command}{also}):")
+    print(f"    export LOCKN_GENERATION_ADDRESS={generation.address}")
+    bearer = ""
+    if settings.auth_tokens:
+        print("    export LOCKN_CLIENT_TOKEN=...  # one of the tokens in LOCKN_AUTH_TOKENS")
+        bearer = ' -H "Authorization: Bearer $LOCKN_CLIENT_TOKEN"'
+    print(f'    {command} generate "a lighthouse at dusk" --watch')
+    print(f"    curl{bearer} {gateway.address}/api/stats", flush=True)
+    served = [
+        f"{name} http://127.0.0.1:{getattr(settings, port)}/metrics"
+        for name, port in METRICS.items()
+        if port in settings.model_fields_set and getattr(settings, port)
+    ]
+    if served:
+        say(f"metrics: {', '.join(served)}")
+    else:
+        variables = ", ".join(f"LOCKN_{port.upper()}" for port in METRICS.values())
+        say(f"metrics: off (set {variables} to serve them)")
+
+
 def run(settings: Settings, serve_only: bool) -> int:
     """`make demo`, or with `serve_only` `make up`; the exit status."""
     try:
@@ -245,6 +296,7 @@ def run(settings: Settings, serve_only: bool) -> int:
             try:
                 generation, gateway = asyncio.run(start_stack(stack, settings, dsn))
                 if serve_only:
+                    how_to_use(settings, generation, gateway)
                     say("serving until Ctrl-C")
                     _serve(stack)
                 else:

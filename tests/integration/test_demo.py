@@ -1,8 +1,8 @@
 """`make demo` and `make up` as a user runs them: `python -m services.demo` in a
 folder of its own, with the private PostgreSQL it starts there. What it prints
-is what the README shows; a closed terminal (SIGHUP to the process group)
-stops everything it started; and a run finds and stops what a killed run left
-behind."""
+is what the README shows; `make up` says how to reach it; a closed terminal
+(SIGHUP to the process group) stops everything it started; and a run finds and
+stops what a killed run left behind."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import psutil
 import pytest
@@ -171,6 +172,47 @@ def test_the_demo_gives_the_cli_the_token_it_gives_the_gateway(
         return [(row[0], row[1]) for row in rows]
 
     assert asyncio.run(principals()) == [("alice", 2)]
+
+
+async def _get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as reply:
+            return reply.status, await reply.text()
+
+
+def test_make_up_says_how_to_reach_it_and_keeps_the_ports_the_user_set(folder: Path) -> None:
+    generation, gateway, metrics = free_port(), free_port(), free_port()
+    env = environment(
+        LOCKN_GENERATION_LISTEN=f"127.0.0.1:{generation}",
+        LOCKN_GATEWAY_LISTEN=f"127.0.0.1:{gateway}",
+        LOCKN_GATEWAY_METRICS_PORT=str(metrics),
+    )
+    up = Demo(folder, env, "--serve")
+    try:
+        up.until("serving until Ctrl-C")
+        assert f"    export LOCKN_GENERATION_ADDRESS=127.0.0.1:{generation}" in up.output
+        assert f"    curl http://127.0.0.1:{gateway}/api/stats" in up.output
+        assert f"==> metrics: gateway http://127.0.0.1:{metrics}/metrics" in up.output
+
+        # The pasted line is all the CLI needs.
+        pasted = next(line for line in up.output if "export LOCKN_GENERATION_ADDRESS=" in line)
+        variable, _, value = pasted.split()[1].partition("=")
+        stats = subprocess.run(
+            [sys.executable, "-m", "services.cli", "stats"],
+            env=environment(**{variable: value}),
+            capture_output=True,
+            text=True,
+            timeout=STOP,
+        )
+        assert stats.returncode == 0, stats.stderr
+        assert "comfy-worker" in stats.stdout
+        assert asyncio.run(_get(f"http://127.0.0.1:{gateway}/api/stats"))[0] == 200
+        status, text = asyncio.run(_get(f"http://127.0.0.1:{metrics}/metrics"))
+        assert status == 200 and "lockn_http_requests_total" in text
+    finally:
+        up.process.send_signal(signal.SIGTERM)
+    assert up.finish(STOP) == 0
+    assert up.output[-1] == "==> stopped everything it started"
 
 
 def test_a_closed_terminal_stops_make_up_and_everything_it_started(folder: Path) -> None:
