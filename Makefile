@@ -10,11 +10,15 @@ PYTEST_ARGS ?=
 .PHONY: help venv test test-fast proto proto-check lint fmt demo bench up clean
 
 help:
-	@echo "make demo   - run the whole stack and generate an image end to end"
-	@echo "make test   - run the full test suite (real PostgreSQL, real gRPC servers)"
-	@echo "make lint   - buf lint, ruff, mypy, stale generated code check"
-	@echo "make proto  - regenerate Python code and typed stubs from protos/"
-	@echo "make bench  - benchmarks (QUICK=1 for a short run)"
+	@echo "make demo      - run the whole stack and generate an image end to end"
+	@echo "make up        - run the whole stack until Ctrl-C; prints how to reach it"
+	@echo "make test      - run the full test suite (real PostgreSQL, real gRPC servers)"
+	@echo "make test-fast - the test suite without the slow fault-injection tests"
+	@echo "make lint      - buf lint, ruff, mypy, stale generated code check"
+	@echo "make fmt       - fix what ruff can and format the code"
+	@echo "make proto     - regenerate Python code and typed stubs from protos/"
+	@echo "make bench     - benchmarks (QUICK=1 for a short run)"
+	@echo "make clean     - remove the virtualenv, caches and .lockn/ (demo state)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
