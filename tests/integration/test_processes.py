@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -18,15 +15,6 @@ from services.stack import LocalStack
 
 GENERATION = "lockn.generation.v1.GenerationService"
 WORKER = "lockn.comfyworker.v1.ComfyWorkerService"
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[LocalStack]:
-    processes = LocalStack(tmp_path / "logs")
-    try:
-        yield processes
-    finally:
-        processes.stop()
 
 
 async def reflected_services(address: str) -> set[str]:

@@ -4,22 +4,9 @@ ports it picks, and what a killed stack left running is found and stopped."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from services.embedded_postgres import free_port
 from services.stack import STOP_TIMEOUT, LocalStack, stop_leftovers
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[LocalStack]:
-    processes = LocalStack(tmp_path / "logs")
-    try:
-        yield processes
-    finally:
-        processes.stop()
 
 
 async def test_a_listen_address_the_caller_sets_wins_over_a_free_port(stack: LocalStack) -> None:
